@@ -1,0 +1,170 @@
+"""Backend registry and selection.
+
+Every op has one reference implementation (pure torch, the spec) and up to
+three kernel backends: ``cpu`` (C++ in csrc/cpu), ``triton`` and ``cuda``
+(C++/CUDA in csrc/cuda).  Kernel modules register themselves here; the op layer
+asks for the backend of a call with :func:`select`.
+
+Selection, first match wins:
+
+1. the call's own ``backend=`` argument;
+2. the innermost :func:`use_backend` context;
+3. the ``STEERKERN_BACKEND`` environment variable, either one name for every op
+   (``STEERKERN_BACKEND=reference``) or per op
+   (``STEERKERN_BACKEND=steer=triton,sparse_linear=cuda``);
+4. the device's default order: ``cuda, triton, reference`` on CUDA tensors and
+   ``cpu, reference`` on CPU tensors.
+
+An explicit choice that cannot serve the tensors' device is an error, never a
+silent fallback.  :func:`report` tells which backend each op uses.
+
+This module sits at the bottom of the package: it imports nothing from it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from typing import Callable, Dict, Iterator, List, Optional
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+OPS = ("steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear")
+ENV_VAR = "STEERKERN_BACKEND"
+
+# device type -> default order of preference
+_DEFAULT_ORDER = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+# (op, backend) -> implementation
+_IMPLS: Dict[tuple, Callable] = {}
+# backend -> callable(device_type) -> bool, whether it can run there now
+_SERVES: Dict[str, Callable[[str], bool]] = {"reference": lambda device_type: True}
+# backend -> why it is unavailable (shown by report())
+_UNAVAILABLE: Dict[str, str] = {}
+
+_local = threading.local()
+
+
+def register(op: str, backend: str, fn: Callable) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``op``."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops are {OPS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
+    _IMPLS[(op, backend)] = fn
+
+
+def register_backend(backend: str, serves: Callable[[str], bool]) -> None:
+    """Declare which device types ``backend`` can run on (checked per call)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
+    _SERVES[backend] = serves
+    _UNAVAILABLE.pop(backend, None)
+
+
+def mark_unavailable(backend: str, why: str) -> None:
+    """Record that ``backend`` could not be loaded, and why."""
+    _UNAVAILABLE[backend] = why
+
+
+def _check_name(name: str, where: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; choose one of {BACKENDS}")
+    return name
+
+
+def _env_choice(op: str) -> Optional[str]:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return None
+    if "=" not in raw:
+        return _check_name(raw, ENV_VAR)
+    for part in raw.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"{ENV_VAR}: expected 'op=backend' pairs, got {part!r}")
+        name, backend = (s.strip() for s in part.split("=", 1))
+        if name not in OPS:
+            raise ValueError(f"{ENV_VAR}: unknown op {name!r}; ops are {OPS}")
+        if name == op:
+            return _check_name(backend, ENV_VAR)
+    return None
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Run every op inside the block on ``backend`` (thread-local, nestable)."""
+    backend = _check_name(backend, "use_backend")
+    stack: List[str] = getattr(_local, "stack", [])
+    stack.append(backend)
+    _local.stack = stack
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def available(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` is loaded and can run on ``device_type`` now."""
+    serves = _SERVES.get(backend)
+    return serves is not None and serves(device_type)
+
+
+def _explicit(op: str, backend: str) -> Optional[str]:
+    if backend and backend != "auto":
+        return _check_name(backend, f"{op}(backend=...)")
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _env_choice(op)
+
+
+def choose(op: str, device_type: str, backend: str = "auto") -> str:
+    """Name the backend that runs ``op`` on ``device_type`` (see module doc)."""
+    explicit = _explicit(op, backend)
+    if explicit is not None:
+        if (op, explicit) not in _IMPLS:
+            raise ValueError(f"backend {explicit!r} has no implementation of {op}")
+        if not available(explicit, device_type):
+            why = _UNAVAILABLE.get(explicit, f"it does not run on {device_type} tensors")
+            raise ValueError(f"backend {explicit!r} cannot run {op} on {device_type}: {why}")
+        return explicit
+    for name in _DEFAULT_ORDER.get(device_type, ("reference",)):
+        if (op, name) in _IMPLS and available(name, device_type):
+            return name
+    return "reference"
+
+
+def select(op: str, device_type: str, backend: str = "auto") -> Callable:
+    """The implementation of ``op`` that :func:`choose` names."""
+    return _IMPLS[(op, choose(op, device_type, backend))]
+
+
+def report(device_types=("cpu", "cuda")) -> str:
+    """A table of which backend each op uses per device type, and why not others."""
+    lines = [f"{'op':<22}" + "".join(f"{d:<12}" for d in device_types)]
+    for op in OPS:
+        cells = []
+        for d in device_types:
+            try:
+                cells.append(choose(op, d))
+            except ValueError as err:
+                cells.append(f"error: {err}")
+        lines.append(f"{op:<22}" + "".join(f"{c:<12}" for c in cells))
+    for name, why in sorted(_UNAVAILABLE.items()):
+        lines.append(f"{name} backend unavailable: {why}")
+    return "\n".join(lines)
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a warning at most once per process."""
+    seen = getattr(warn_once, "_seen", set())
+    if key not in seen:
+        seen.add(key)
+        warn_once._seen = seen
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -1,0 +1,3 @@
+"""Kernel backends: each submodule registers its implementations with
+:mod:`steerkern.backends` when it loads, and records why when it cannot."""
+from . import cpu  # noqa: F401

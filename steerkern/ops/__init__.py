@@ -1,0 +1,178 @@
+"""The op layer: what steerkern computes.
+
+The functions here check their arguments (a ValueError that names the argument
+and the expected shape, before anything runs), then call the
+``torch.ops.steerkern.*`` custom ops, whose backends are chosen per device by
+:mod:`steerkern.backends`.  The semantics are those of
+:mod:`steerkern.ops.reference`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import library, reference
+from .table import FLOAT_DTYPES, SparseWeight, SteerEntry, SteerTable, orthonormalize
+
+__all__ = [
+    "steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear",
+    "SteerTable", "SteerEntry", "SparseWeight", "orthonormalize", "reference",
+]
+
+Threshold = Union[float, Tensor]
+_NO_TABLE = (None,) * len(SteerTable.tensor_names())
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or (
+        torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_hidden(h: Tensor, name: str) -> None:
+    if not isinstance(h, Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(h).__name__}")
+    if h.dim() < 1:
+        raise ValueError(f"{name}: expected shape [..., d], got a 0-dim tensor")
+    if h.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype {h.dtype} not supported; expected one of {FLOAT_DTYPES}")
+
+
+def _check_table(h: Tensor, table: Optional[SteerTable], index: Optional[Tensor], name: str):
+    """Validate table and index against ``h``; return (index or None, table tensors)."""
+    if table is None:
+        if index is not None:
+            raise ValueError("index: given without a table")
+        return None, _NO_TABLE
+    if not isinstance(table, SteerTable):
+        raise ValueError(f"table: expected a SteerTable, got {type(table).__name__}")
+    d = h.shape[-1]
+    if table.hidden_size != d:
+        raise ValueError(f"{name}: expected shape [..., {table.hidden_size}] (the table's hidden size), "
+                         f"got {list(h.shape)}")
+    if table.device != h.device:
+        raise ValueError(f"table: on {table.device}, but {name} is on {h.device}")
+    if index is not None:
+        if not isinstance(index, Tensor) or index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise ValueError("index: expected an integer tensor")
+        if index.device != h.device:
+            raise ValueError(f"index: on {index.device}, but {name} is on {h.device}")
+        rows = h.numel() // d if d else 0
+        if tuple(index.shape) != tuple(h.shape[:-1]) and index.numel() != rows:
+            raise ValueError(f"index: expected shape {list(h.shape[:-1])} (one entry per row of {name}), "
+                             f"got {list(index.shape)}")
+        if index.dtype != torch.int32:
+            index = index.to(torch.int32)
+        if index.numel() and not _tracing():
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi > table.size:
+                raise ValueError(f"index: values must lie in [0, {table.size}] (0 = no steering, "
+                                 f"j = table entry j-1), got range [{lo}, {hi}]")
+    return index, table.tensors()
+
+
+def _threshold(threshold: Threshold, device) -> Tensor:
+    if isinstance(threshold, Tensor):
+        if threshold.numel() != 1:
+            raise ValueError(f"threshold: expected a scalar, got shape {list(threshold.shape)}")
+        t = threshold.reshape(()).to(device=device, dtype=torch.float32)
+        if not _tracing() and (bool(torch.isnan(t)) or float(t) < 0):
+            raise ValueError(f"threshold: must be >= 0 and not NaN, got {float(t)}")
+        return t
+    try:
+        f = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold: expected a number, got {threshold!r}") from None
+    if math.isnan(f) or f < 0:
+        raise ValueError(f"threshold: must be >= 0 and not NaN, got {f}")
+    return torch.tensor(f, dtype=torch.float32, device=device)
+
+
+def _check_sparse(x: Tensor, weight: SparseWeight, topk: Optional[int], name: str) -> int:
+    if not isinstance(weight, SparseWeight):
+        raise ValueError(f"weight: expected a SparseWeight (see SparseWeight.from_linear), "
+                         f"got {type(weight).__name__}")
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"{name}: expected shape [..., {weight.in_features}] (the weight's in_features), "
+                         f"got {list(x.shape)}")
+    for part, t in (("weight_t", weight.weight_t), ("bias", weight.bias), ("scale", weight.scale)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"weight.{part}: on {t.device}, but {name} is on {x.device}")
+    if topk is None:
+        return -1
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= weight.in_features:
+        raise ValueError(f"topk: expected an int in [0, {weight.in_features}], got {topk!r}")
+    return topk
+
+
+def steer(h: Tensor, table: Optional[SteerTable], index: Optional[Tensor] = None, *,
+          backend: str = "auto") -> Tensor:
+    """Steer hidden states ``h`` ``[..., d]`` by ``table``.
+
+    ``index`` (int, shape ``h.shape[:-1]``) picks a table entry per row: 0 is
+    no steering (that row is returned bit-exact), ``j`` is entry ``j - 1``.
+    With ``index=None`` every row uses the first entry.  ``table=None`` returns
+    ``h`` itself.  See :mod:`steerkern.ops.reference` for the exact math.
+    """
+    _check_hidden(h, "h")
+    index, tensors = _check_table(h, table, index, "h")
+    if table is None:
+        return h
+    return library.op("steer")(h, index, *tensors, backend=backend)
+
+
+def add_steer_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, *,
+                      table: Optional[SteerTable] = None, index: Optional[Tensor] = None,
+                      weight_offset: float = 0.0, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Fused ``r = steer(x + residual)``, ``y = rmsnorm(r) * (weight + weight_offset)``.
+
+    Returns ``(r, y)``: the new residual stream and the normalized activations
+    that the next projections read.  ``residual=None`` skips the add.
+    """
+    _check_hidden(x, "x")
+    if residual is not None:
+        _check_hidden(residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected shape {list(x.shape)} (that of x), got {list(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual: expected {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+    d = x.shape[-1]
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (d,):
+        raise ValueError(f"weight: expected shape [{d}], got {list(getattr(weight, 'shape', []))}")
+    if weight.dtype not in FLOAT_DTYPES or weight.device != x.device:
+        raise ValueError(f"weight: expected a float tensor on {x.device}, got {weight.dtype} on {weight.device}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
+    index, tensors = _check_table(x, table, index, "x")
+    return library.op("add_steer_rmsnorm")(x, residual, weight, eps, float(weight_offset), index,
+                                          *tensors, backend=backend)
+
+
+def sparse_linear(x: Tensor, weight: SparseWeight, *, threshold: Threshold = 0.0,
+                  topk: Optional[int] = None, backend: str = "auto") -> Tensor:
+    """``y = W (m * x) + bias`` with the norm-aware mask ``m`` taken per row.
+
+    ``m_i = |x_i| * s_i > threshold`` (``s`` from ``weight.scale``: WINA column
+    norms, or 1 for TEAL), or, with ``topk``, the ``topk`` largest scores of
+    each row.  Threshold 0 keeps every nonzero input: the dense result.
+    """
+    _check_hidden(x, "x")
+    topk = _check_sparse(x, weight, topk, "x")
+    t = _threshold(threshold, x.device)
+    return library.op("sparse_linear")(x, weight.weight_t, weight.bias, weight.scale, t, topk,
+                                      backend=backend)
+
+
+def steer_sparse_linear(h: Tensor, table: Optional[SteerTable], weight: SparseWeight,
+                        index: Optional[Tensor] = None, *, threshold: Threshold = 0.0,
+                        topk: Optional[int] = None, backend: str = "auto") -> Tensor:
+    """The fused chain ``sparse_linear(steer(h))`` in one pass over ``h``."""
+    _check_hidden(h, "h")
+    index, tensors = _check_table(h, table, index, "h")
+    topk = _check_sparse(h, weight, topk, "h")
+    t = _threshold(threshold, h.device)
+    return library.op("steer_sparse_linear")(h, index, *tensors, weight.weight_t, weight.bias,
+                                            weight.scale, t, topk, backend=backend)

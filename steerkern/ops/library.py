@@ -1,0 +1,124 @@
+"""torch.library definitions of the steerkern ops.
+
+Each op is defined once in the ``steerkern`` namespace with a fake (meta)
+implementation, so torch.compile(fullgraph=True) traces through it, and one
+implementation per dispatch key (CPU, CUDA).  Those implementations flatten the
+leading dimensions into rows and hand 2-D contiguous tensors to the backend
+that :mod:`steerkern.backends` chooses; the torch dispatcher picks the device.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import backends
+from . import reference
+
+NAMESPACE = "steerkern"
+
+_STEER_ARGS = (
+    "Tensor? index, Tensor? basis, Tensor? target, Tensor? gain, Tensor? vec, "
+    "Tensor? alpha, Tensor? scale, Tensor? shift, Tensor? cond_dir, "
+    "Tensor? cond_threshold, Tensor? preserve_norm"
+)
+SCHEMAS = {
+    "steer": f"steer(Tensor h, {_STEER_ARGS}, str backend='auto') -> Tensor",
+    "add_steer_rmsnorm": (
+        "add_steer_rmsnorm(Tensor x, Tensor? residual, Tensor weight, float eps, "
+        f"float weight_offset, {_STEER_ARGS}, str backend='auto') -> (Tensor, Tensor)"
+    ),
+    "sparse_linear": (
+        "sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, Tensor? scale, "
+        "Tensor threshold, int topk, str backend='auto') -> Tensor"
+    ),
+    "steer_sparse_linear": (
+        f"steer_sparse_linear(Tensor h, {_STEER_ARGS}, Tensor weight_t, Tensor? bias, "
+        "Tensor? col_scale, Tensor threshold, int topk, str backend='auto') -> Tensor"
+    ),
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+for _op in backends.OPS:
+    backends.register(_op, "reference", getattr(reference, _op))
+
+
+def _rows(t, d):
+    return t.reshape(-1, d).contiguous()
+
+
+def _flat_index(index):
+    return None if index is None else index.reshape(-1).contiguous()
+
+
+def _steer_impl(h, index, *table_and_backend):
+    *table, backend = table_and_backend
+    fn = backends.select("steer", h.device.type, backend)
+    d = h.shape[-1]
+    out = fn(_rows(h, d), _flat_index(index), *table)
+    return out.reshape(h.shape)
+
+
+def _add_steer_rmsnorm_impl(x, residual, weight, eps, weight_offset, index, *rest):
+    *table, backend = rest
+    fn = backends.select("add_steer_rmsnorm", x.device.type, backend)
+    d = x.shape[-1]
+    res = None if residual is None else _rows(residual, d)
+    r, y = fn(_rows(x, d), res, weight.contiguous(), eps, weight_offset,
+              _flat_index(index), *table)
+    return r.reshape(x.shape), y.reshape(x.shape)
+
+
+def _sparse_linear_impl(x, weight_t, bias, scale, threshold, topk, backend):
+    fn = backends.select("sparse_linear", x.device.type, backend)
+    y = fn(_rows(x, x.shape[-1]), weight_t, bias, scale, threshold, topk)
+    return y.reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+def _steer_sparse_linear_impl(h, index, *rest):
+    *table, weight_t, bias, col_scale, threshold, topk, backend = rest
+    fn = backends.select("steer_sparse_linear", h.device.type, backend)
+    y = fn(_rows(h, h.shape[-1]), _flat_index(index), *table,
+           weight_t, bias, col_scale, threshold, topk)
+    return y.reshape(*h.shape[:-1], weight_t.shape[1])
+
+
+_IMPLS = {
+    "steer": _steer_impl,
+    "add_steer_rmsnorm": _add_steer_rmsnorm_impl,
+    "sparse_linear": _sparse_linear_impl,
+    "steer_sparse_linear": _steer_sparse_linear_impl,
+}
+for _op, _fn in _IMPLS.items():
+    for _key in ("CPU", "CUDA"):
+        _lib.impl(_op, _fn, _key)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::steer")
+def _steer_fake(h, *args):
+    return torch.empty_like(h)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::add_steer_rmsnorm")
+def _add_steer_rmsnorm_fake(x, *args):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::sparse_linear")
+def _sparse_linear_fake(x, weight_t, *args):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::steer_sparse_linear")
+def _steer_sparse_linear_fake(h, *args):
+    weight_t = args[11]
+    return h.new_empty(*h.shape[:-1], weight_t.shape[1])
+
+
+@functools.lru_cache(maxsize=None)
+def op(name: str):
+    """The ``torch.ops.steerkern.<name>`` overload packet."""
+    return getattr(getattr(torch.ops, NAMESPACE), name)
