@@ -22,3 +22,6 @@ from .ops import (
 from . import kernels  # registers the kernel backends
 
 __version__ = "0.1.0"
+
+from .plan import Intervention, SparsityPlan, SteeringPlan
+from .patching import PatchHandle, patch, unpatch

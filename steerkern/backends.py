@@ -83,6 +83,8 @@ def _env_choice(op: str) -> Optional[str]:
         return None
     if "=" not in raw:
         return _check_name(raw, ENV_VAR)
+    chosen = {}
+    # every pair is checked, so a typo fails on the first op, not only on its own
     for part in raw.split(","):
         if not part.strip():
             continue
@@ -91,9 +93,8 @@ def _env_choice(op: str) -> Optional[str]:
         name, backend = (s.strip() for s in part.split("=", 1))
         if name not in OPS:
             raise ValueError(f"{ENV_VAR}: unknown op {name!r}; ops are {OPS}")
-        if name == op:
-            return _check_name(backend, ENV_VAR)
-    return None
+        chosen[name] = _check_name(backend, ENV_VAR)
+    return chosen.get(op)
 
 
 @contextlib.contextmanager

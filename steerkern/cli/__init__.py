@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMANDS = ["backends"]
+SUBCOMMANDS = ["backends", "extract", "moral"]
 
 
 def build_parser() -> argparse.ArgumentParser:

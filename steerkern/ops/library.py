@@ -8,8 +8,6 @@ that :mod:`steerkern.backends` chooses; the torch dispatcher picks the device.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import backends
@@ -54,8 +52,17 @@ def _flat_index(index):
     return None if index is None else index.reshape(-1).contiguous()
 
 
-def _steer_impl(h, index, *table_and_backend):
-    *table, backend = table_and_backend
+_TABLE_LEN = _STEER_ARGS.count("Tensor?") - 1  # the table tensors after `index`
+
+
+def _split_backend(rest, n):
+    """``rest`` is ``n`` arguments plus, maybe, ``backend``: the dispatcher
+    drops a trailing argument that equals its default ('auto')."""
+    return rest[:n], (rest[n] if len(rest) > n else "auto")
+
+
+def _steer_impl(h, index, *rest):
+    table, backend = _split_backend(rest, _TABLE_LEN)
     fn = backends.select("steer", h.device.type, backend)
     d = h.shape[-1]
     out = fn(_rows(h, d), _flat_index(index), *table)
@@ -63,7 +70,7 @@ def _steer_impl(h, index, *table_and_backend):
 
 
 def _add_steer_rmsnorm_impl(x, residual, weight, eps, weight_offset, index, *rest):
-    *table, backend = rest
+    table, backend = _split_backend(rest, _TABLE_LEN)
     fn = backends.select("add_steer_rmsnorm", x.device.type, backend)
     d = x.shape[-1]
     res = None if residual is None else _rows(residual, d)
@@ -72,14 +79,15 @@ def _add_steer_rmsnorm_impl(x, residual, weight, eps, weight_offset, index, *res
     return r.reshape(x.shape), y.reshape(x.shape)
 
 
-def _sparse_linear_impl(x, weight_t, bias, scale, threshold, topk, backend):
+def _sparse_linear_impl(x, weight_t, bias, scale, threshold, topk, backend="auto"):
     fn = backends.select("sparse_linear", x.device.type, backend)
     y = fn(_rows(x, x.shape[-1]), weight_t, bias, scale, threshold, topk)
     return y.reshape(*x.shape[:-1], weight_t.shape[1])
 
 
 def _steer_sparse_linear_impl(h, index, *rest):
-    *table, weight_t, bias, col_scale, threshold, topk, backend = rest
+    args, backend = _split_backend(rest, _TABLE_LEN + 5)
+    *table, weight_t, bias, col_scale, threshold, topk = args
     fn = backends.select("steer_sparse_linear", h.device.type, backend)
     y = fn(_rows(h, h.shape[-1]), _flat_index(index), *table,
            weight_t, bias, col_scale, threshold, topk)
@@ -118,7 +126,11 @@ def _steer_sparse_linear_fake(h, *args):
     return h.new_empty(*h.shape[:-1], weight_t.shape[1])
 
 
-@functools.lru_cache(maxsize=None)
+# a plain dict, not functools.lru_cache: torch.compile traces through a dict
+# lookup without the warning it gives for cache wrappers
+_PACKETS = {name: getattr(getattr(torch.ops, NAMESPACE), name) for name in SCHEMAS}
+
+
 def op(name: str):
     """The ``torch.ops.steerkern.<name>`` overload packet."""
-    return getattr(getattr(torch.ops, NAMESPACE), name)
+    return _PACKETS[name]

@@ -151,7 +151,7 @@ class SteerTable:
 
     @staticmethod
     def tensor_names() -> List[str]:
-        return [f.name for f in dataclasses.fields(SteerTable) if f.name != "hidden_size"]
+        return list(_TABLE_TENSOR_NAMES)
 
     @property
     def size(self) -> int:
@@ -292,6 +292,10 @@ class SteerTable:
         """Additive steering ``h + alpha * v``."""
         v = torch.as_tensor(vector)
         return cls.from_entries([SteerEntry(vector=v, alpha=alpha)], v.shape[-1], device)
+
+
+# computed once: torch.compile cannot trace dataclasses.fields() on the class
+_TABLE_TENSOR_NAMES = tuple(f.name for f in dataclasses.fields(SteerTable) if f.name != "hidden_size")
 
 
 def _finite_scalar(value, name: str) -> float:

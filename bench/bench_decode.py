@@ -1,0 +1,202 @@
+"""End-to-end decode speed: batch-1 greedy decode with random weights.
+
+Providers, measured in the same run on the same model:
+
+  (a) unpatched       plain transformers
+  (b) hook-steered    a forward hook on every layer adds alpha * v to its
+                      output, the way hook-based steering libraries do it
+  (c) steered         steerkern, the same steering (site post_mlp, every layer)
+  (d) steered+sparse  (c) plus 50% WINA sparsity on every projection input
+                      (thresholds calibrated on random token windows)
+  (e) empty patch     steerkern patched with an empty plan
+
+Goals: (c) costs <= 3% over (e); (d) >= 1.7x (a) in fp32 and >= 3x in bf16 (CPU).
+Decode tokens/s is (N - 1) / (t(N new tokens) - t(1 new token)), so prefill is
+not counted.  Writes JSON (default bench/results/decode_cpu.json) and a PNG.
+
+    python bench/bench_decode.py --quick        # small Llama shape, a minute or two
+    python bench/bench_decode.py                # + TinyLlama-1.1B shape
+    python bench/bench_decode.py --gpu          # 8B shape, bf16, CUDA
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab)
+    "small": (512, 1408, 8, 8, 4, 4096),
+    "tinyllama-1.1b": (2048, 5632, 22, 32, 4, 32000),
+    "llama-8b": (4096, 14336, 32, 32, 8, 128256),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROVIDERS = ("unpatched", "hook_steered", "steered", "steered_sparse", "empty_patch")
+
+
+def build(shape: str, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, i, n, heads, kv, vocab = SHAPES[shape]
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def decode_rate(model, ids, new_tokens: int, repeats: int) -> float:
+    """Decode tokens/s, best of ``repeats``, prefill excluded."""
+
+    def run(n):
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t1, tn = run(1), run(new_tokens)
+        rates.append((new_tokens - 1) / max(tn - t1, 1e-9))
+    return max(rates)
+
+
+def add_hooks(model, vector, alpha):
+    def hook(module, args, out):
+        return out + alpha * vector.to(out.dtype)
+
+    return [layer.register_forward_hook(hook) for layer in model.model.layers]
+
+
+def bench_one(shape, dtype_name, device, new_tokens, repeats, progress):
+    import steerkern
+    from steerkern.calibration import calibrate
+
+    dtype = DTYPES[dtype_name]
+    model = build(shape, dtype, device)
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    vector = torch.randn(d, generator=g)
+    vector = (vector / vector.norm()).to(device)
+    alpha = 0.5
+    ids = torch.randint(3, model.config.vocab_size, (1, 16), generator=g).to(device)
+    steering = steerkern.SteeringPlan.add(vector.cpu(), alpha, site="post_mlp")
+    windows = torch.randint(3, model.config.vocab_size, (16, 32), generator=g)
+    sparsity = calibrate(model, windows.to(device), 0.5, progress=False, refine=0)
+    out = {}
+    for name in PROVIDERS:
+        progress(f"{shape} {dtype_name} {name}")
+        hooks, handle = [], None
+        if name == "hook_steered":
+            hooks = add_hooks(model, vector, alpha)
+        elif name == "steered":
+            handle = steerkern.patch(model, steering)
+        elif name == "steered_sparse":
+            handle = steerkern.patch(model, steering, sparsity, drop_dense=True)
+        elif name == "empty_patch":
+            handle = steerkern.patch(model, steerkern.SteeringPlan())
+        with torch.no_grad():
+            out[name] = decode_rate(model, ids, new_tokens, repeats)
+        for h in hooks:
+            h.remove()
+        if handle is not None:
+            handle.remove()
+    out["ratio_steered_over_empty_cost"] = out["empty_patch"] / out["steered"] - 1.0
+    out["ratio_sparse_over_unpatched"] = out["steered_sparse"] / out["unpatched"]
+    out["ratio_steered_over_hooks"] = out["steered"] / out["hook_steered"]
+    del model
+    return out
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(s, dt) for s in results["runs"] for dt in results["runs"][s]]
+    fig, ax = plt.subplots(figsize=(2.6 * len(groups) + 2, 4))
+    width = 0.8 / len(PROVIDERS)
+    for k, prov in enumerate(PROVIDERS):
+        vals = [results["runs"][s][dt][prov] for s, dt in groups]
+        ax.bar([i + k * width for i in range(len(groups))], vals, width, label=prov)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{s}\n{dt}" for s, dt in groups])
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(f"steerkern decode, {results['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small shape only")
+    p.add_argument("--gpu", action="store_true", help="the 8B shape in bf16 on CUDA")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (CPU runs)")
+    p.add_argument("--tokens", type=int, default=None, help="new tokens per timed run")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/decode_<device>.json)")
+    args = p.parse_args(argv)
+
+    import steerkern
+    from tqdm import tqdm
+
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: no CUDA device visible")
+        device, shapes, dtypes = "cuda", ["llama-8b"], ["bf16"]
+    else:
+        device = "cpu"
+        shapes = ["small"] if args.quick else ["small", "tinyllama-1.1b"]
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        bad = [d for d in dtypes if d not in DTYPES]
+        if bad:
+            raise SystemExit(f"--dtypes: unknown {bad}; choose from {list(DTYPES)}")
+        torch.set_num_threads(os.cpu_count() or 1)
+    tokens = args.tokens or (16 if args.quick else 32)
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__, "steerkern": steerkern.__version__,
+        "backends": steerkern.backend_report(), "new_tokens": tokens, "repeats": args.repeats,
+        "runs": {},
+    }
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    jobs = [(s, dt) for s in shapes for dt in dtypes]
+    bar = tqdm(total=len(jobs) * len(PROVIDERS), desc="decode bench")
+
+    def progress(msg):
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    for s, dt in jobs:
+        results["runs"].setdefault(s, {})[dt] = bench_one(s, dt, device, tokens, args.repeats, progress)
+    bar.close()
+    out = Path(args.out or Path(__file__).parent / "results" / f"decode_{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    for s, per in results["runs"].items():
+        for dt, r in per.items():
+            print(f"{s:16s} {dt:5s} " + "  ".join(f"{k}={r[k]:.2f}" for k in PROVIDERS))
+            print(f"{'':22s} steered cost over empty patch: {100 * r['ratio_steered_over_empty_cost']:+.1f}% "
+                  f"(goal <= +3%); sparse/unpatched: {r['ratio_sparse_over_unpatched']:.2f}x "
+                  f"(goal {'1.7' if dt == 'fp32' else '3'}x); steered/hooks: {r['ratio_steered_over_hooks']:.2f}x")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

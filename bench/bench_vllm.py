@@ -1,0 +1,136 @@
+"""Throughput of per-request steering in vLLM against unsteered vLLM.
+
+16 concurrent requests (by default), each with its own steering (its own
+registered vector and coefficient, added at every layer), against the same 16
+requests unsteered, on one engine.  Runs alternate between the two and the
+median of each is reported; the goal is at most 5% overhead.
+
+Needs the vLLM venv (tests/vllm/setup_venv.sh).  The model is a Llama-shaped
+random model saved to a temp dir: nothing is downloaded.
+
+    python bench/bench_vllm.py                      # small model, CPU
+    python bench/bench_vllm.py --hidden 2048 --layers 16 --dtype bfloat16
+
+Writes bench/results/vllm_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+
+
+def build_model(path, args):
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=4096,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(args.vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(path)
+
+
+def save_vectors(path, n, hidden):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    save_file({f"v{i:02d}": torch.randn(hidden, generator=g) for i in range(n)}, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steer-layers", default="all", help="'all' or comma-separated layer indices")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    import steerkern
+
+    tmp = tempfile.mkdtemp(prefix="steerkern-bench-vllm-")
+    model_dir = os.path.join(tmp, "model")
+    vec_file = os.path.join(tmp, "vectors.safetensors")
+    build_model(model_dir, args)
+    save_vectors(vec_file, args.requests, args.hidden)
+
+    llm = LLM(model=model_dir, dtype=args.dtype, max_model_len=args.prompt_len + args.max_tokens + 8,
+              enforce_eager=True, max_num_seqs=args.requests, seed=0, enable_prefix_caching=False,
+              kv_cache_memory_bytes=1 << 30, additional_config={"steerkern": {"vectors": vec_file}})
+
+    g = torch.Generator().manual_seed(2)
+    prompts = [{"prompt_token_ids": [1] + torch.randint(3, args.vocab, (args.prompt_len - 1,), generator=g).tolist()}
+               for _ in range(args.requests)]
+    layers = None if args.steer_layers == "all" else [int(x) for x in args.steer_layers.split(",")]
+
+    def params(i, steered):
+        extra = None
+        if steered:
+            extra = {"steer_vectors": f"v{i:02d}", "steer_coefs": 0.5 + 0.25 * i}
+            if layers is not None:
+                extra["steer_layers"] = layers
+        return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, extra_args=extra)
+
+    plain = [params(i, False) for i in range(args.requests)]
+    steered = [params(i, True) for i in range(args.requests)]
+
+    def run(plist):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, plist, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        return sum(len(o.outputs[0].token_ids) for o in outs) / dt
+
+    run(plain), run(steered)  # warm-up
+    times = {"unsteered": [], "steered": []}
+    for _ in range(args.repeats):
+        times["unsteered"].append(run(plain))
+        times["steered"].append(run(steered))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    overhead = med["unsteered"] / med["steered"] - 1.0
+
+    device = "cpu"
+    result = {
+        "bench": "vllm_per_request_steering",
+        "device": device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "steerkern": steerkern.__version__},
+        "backend": {op: steerkern.backends.choose(op, device) for op in ("steer", "add_steer_rmsnorm")},
+        "config": {k: getattr(args, k) for k in ("requests", "prompt_len", "max_tokens", "hidden", "layers",
+                                                 "vocab", "dtype", "repeats", "steer_layers")},
+        "output_tokens_per_s": {k: [round(x, 2) for x in v] for k, v in times.items()},
+        "median_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
+        "overhead": round(overhead, 4),
+        "goal_overhead": 0.05,
+    }
+    print(f"unsteered {med['unsteered']:.1f} tok/s   steered {med['steered']:.1f} tok/s   "
+          f"overhead {100 * overhead:+.2f}%  (goal <= +5%)")
+    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / f"vllm_{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+// The kernels of isa_impl.h compiled for AVX-512 (F, BW, VL, DQ) with FMA and
+// F16C, chosen at run time only when the CPU has them (see dispatch.cpp).
+#include "common.h"
+
+#ifdef STEERKERN_X86
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define SK_ISA 2
+namespace steerkern {
+namespace cpu {
+namespace avx512 {
+#include "isa_impl.h"
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace steerkern
+#undef SK_ISA
+#pragma GCC pop_options
+
+namespace steerkern {
+namespace cpu {
+const Kernels kAvx512Kernels = avx512::make_kernels("avx512");
+}  // namespace cpu
+}  // namespace steerkern
+#endif

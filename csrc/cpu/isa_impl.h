@@ -1,0 +1,515 @@
+// The CPU kernels, written once over a small vector vocabulary and compiled
+// once per instruction set.  Each isa_*.cpp includes this file inside its own
+// namespace after `#pragma GCC target(...)`, with SK_ISA set to
+//   2: AVX-512 (16 fp32 lanes), 1: AVX2 + FMA + F16C (8 lanes), 0: portable (1 lane).
+// No #include here: everything this file uses is included by the TU before
+// the pragma, so no shared inline function is ever compiled for a wider ISA.
+//
+// Kernels and their memory traffic (E = element size of the row dtype):
+// * steer_rows: h [rows, d] -> out [rows, d].  Each row is read once into an
+//   fp32 row buffer (L1/L2 resident), steered there, written once:
+//   rows * d * 2E bytes.  Rows with index 0, or whose condition fails, are
+//   copied bit-exact.
+// * add_steer_rmsnorm_rows: x, residual -> r, y: rows * d * 4E bytes.
+// * sparse_cols: y[b, c] = bias[c] + sum_j coef[b, j] * Wt[idx[j], c] for a
+//   slice of columns.  Only the listed (active) rows of Wt are read: nact *
+//   cols * sizeof(w) bytes; the fp32 accumulators of a column tile stay in L1
+//   and G active rows are streamed per pass to cut accumulator traffic.
+
+namespace {
+
+constexpr float kTiny = 1e-30f;
+
+// ---------------------------------------------------------------- vectors
+#if SK_ISA == 2
+using vf = __m512;
+constexpr int64_t W = 16;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset(float a) { return _mm512_set1_ps(a); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf vabs(vf a) { return _mm512_abs_ps(a); }
+inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+inline vf vload_f32(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore_f32(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vload_bf16(const uint16_t* p) {
+  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline vf vload_f16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void vstore_bf16(uint16_t* p, vf v) {
+  // round to nearest even in integer arithmetic (bit-exact with c10::BFloat16);
+  // vcvtneps2bf16 would flush subnormals
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+inline void vstore_f16(uint16_t* p, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#elif SK_ISA == 1
+using vf = __m256;
+constexpr int64_t W = 8;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset(float a) { return _mm256_set1_ps(a); }
+inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf vabs(vf a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+inline float vsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline vf vload_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore_f32(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vload_bf16(const uint16_t* p) {
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline vf vload_f16(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void vstore_bf16(uint16_t* p, vf v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  // pack 8 x u32 (all < 2^16) to 8 x u16; packus works per 128-bit lane
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+inline void vstore_f16(uint16_t* p, vf v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+#else
+using vf = float;
+constexpr int64_t W = 1;
+inline vf vzero() { return 0.0f; }
+inline vf vset(float a) { return a; }
+inline vf vadd(vf a, vf b) { return a + b; }
+inline vf vmul(vf a, vf b) { return a * b; }
+inline vf vfma(vf a, vf b, vf c) { return std::fma(a, b, c); }
+inline vf vabs(vf a) { return std::fabs(a); }
+inline float vsum(vf a) { return a; }
+inline vf vload_f32(const float* p) { return *p; }
+inline void vstore_f32(float* p, vf v) { *p = v; }
+inline vf vload_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
+inline vf vload_f16(const uint16_t* p) { return f16_to_f32(*p); }
+inline void vstore_bf16(uint16_t* p, vf v) { *p = f32_to_bf16(v); }
+inline void vstore_f16(uint16_t* p, vf v) { *p = f32_to_f16(v); }
+#endif
+
+// Two interchangeable operation sets, W lanes and 1 lane, so that a loop body
+// is written once and serves both the vector part and the tail.
+struct VOps {
+  using T = vf;
+  static T set(float a) { return vset(a); }
+  static T load(const float* p) { return vload_f32(p); }
+  static void store(float* p, T v) { vstore_f32(p, v); }
+  static T add(T a, T b) { return vadd(a, b); }
+  static T mul(T a, T b) { return vmul(a, b); }
+  static T fma(T a, T b, T c) { return vfma(a, b, c); }
+  static T abs(T a) { return vabs(a); }
+  template <DType D> static T ld(const void* p, int64_t i) {
+    if constexpr (D == DType::F32) return vload_f32(static_cast<const float*>(p) + i);
+    else if constexpr (D == DType::BF16) return vload_bf16(static_cast<const uint16_t*>(p) + i);
+    else return vload_f16(static_cast<const uint16_t*>(p) + i);
+  }
+  template <DType D> static void st(void* p, int64_t i, T v) {
+    if constexpr (D == DType::F32) vstore_f32(static_cast<float*>(p) + i, v);
+    else if constexpr (D == DType::BF16) vstore_bf16(static_cast<uint16_t*>(p) + i, v);
+    else vstore_f16(static_cast<uint16_t*>(p) + i, v);
+  }
+};
+
+struct SOps {
+  using T = float;
+  static T set(float a) { return a; }
+  static T load(const float* p) { return *p; }
+  static void store(float* p, T v) { *p = v; }
+  static T add(T a, T b) { return a + b; }
+  static T mul(T a, T b) { return a * b; }
+  static T fma(T a, T b, T c) { return std::fma(a, b, c); }
+  static T abs(T a) { return std::fabs(a); }
+  template <DType D> static T ld(const void* p, int64_t i) {
+    if constexpr (D == DType::F32) return static_cast<const float*>(p)[i];
+    else if constexpr (D == DType::BF16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    else return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
+  }
+  template <DType D> static void st(void* p, int64_t i, T v) {
+    if constexpr (D == DType::F32) static_cast<float*>(p)[i] = v;
+    else if constexpr (D == DType::BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
+    else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+  }
+};
+
+// f(ops, i) over [0, n): W lanes at a time, then one at a time.
+template <class F>
+inline void each(int64_t n, F&& f) {
+  int64_t i = 0;
+  for (; i + W <= n; i += W) f(VOps{}, i);
+  for (; i < n; ++i) f(SOps{}, i);
+}
+
+// A running fp32 sum fed by both halves of each().
+struct Sum {
+  vf v = vzero();
+  float s = 0.0f;
+  float total() const { return vsum(v) + s; }
+};
+#if SK_ISA > 0
+inline void sum_fma(Sum& acc, vf a, vf b) { acc.v = vfma(a, b, acc.v); }
+#endif
+inline void sum_fma(Sum& acc, float a, float b) { acc.s = std::fma(a, b, acc.s); }
+
+float dot(const float* a, const float* b, int64_t n) {
+  vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    s0 = vfma(vload_f32(a + i), vload_f32(b + i), s0);
+    s1 = vfma(vload_f32(a + i + W), vload_f32(b + i + W), s1);
+    s2 = vfma(vload_f32(a + i + 2 * W), vload_f32(b + i + 2 * W), s2);
+    s3 = vfma(vload_f32(a + i + 3 * W), vload_f32(b + i + 3 * W), s3);
+  }
+  for (; i + W <= n; i += W) s0 = vfma(vload_f32(a + i), vload_f32(b + i), s0);
+  float s = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
+  for (; i < n; ++i) s = std::fma(a[i], b[i], s);
+  return s;
+}
+
+// buf = float(src); returns sum(buf^2).
+template <DType T>
+float load_row(const void* src, float* buf, int64_t d) {
+  vf s0 = vzero(), s1 = vzero();
+  int64_t i = 0;
+  for (; i + 2 * W <= d; i += 2 * W) {
+    vf x0 = VOps::ld<T>(src, i), x1 = VOps::ld<T>(src, i + W);
+    vstore_f32(buf + i, x0);
+    vstore_f32(buf + i + W, x1);
+    s0 = vfma(x0, x0, s0);
+    s1 = vfma(x1, x1, s1);
+  }
+  for (; i + W <= d; i += W) {
+    vf x0 = VOps::ld<T>(src, i);
+    vstore_f32(buf + i, x0);
+    s0 = vfma(x0, x0, s0);
+  }
+  float s = vsum(vadd(s0, s1));
+  for (; i < d; ++i) {
+    float x = SOps::ld<T>(src, i);
+    buf[i] = x;
+    s = std::fma(x, x, s);
+  }
+  return s;
+}
+
+// r = T(x + res) (the unfused residual add, rounded once); buf = float(r);
+// returns sum(buf^2).
+template <DType T>
+float add_row(const void* x, const void* res, void* r, float* buf, int64_t d) {
+  Sum acc;
+  each(d, [&](auto o, int64_t i) {
+    using O = decltype(o);
+    auto v = O::add(O::template ld<T>(x, i), O::template ld<T>(res, i));
+    O::template st<T>(r, i, v);
+    if constexpr (T != DType::F32) v = O::template ld<T>(r, i);
+    O::store(buf + i, v);
+    sum_fma(acc, v, v);
+  });
+  return acc.total();
+}
+
+// Step 1 of the spec: does entry e's condition hold for this row?
+bool condition_holds(const SteerTableView& t, int64_t e, const float* buf, float n2) {
+  if (!t.cond_dir) return true;
+  const float norm = std::sqrt(n2);
+  float cos = 0.0f;
+  if (norm > 0.0f) cos = dot(buf, t.cond_dir + e * t.d, t.d) / std::max(norm, kTiny);
+  return cos > t.cond_thr[e];
+}
+
+// Steps 2-5 of the spec on the fp32 row `buf` (whose sum of squares is n2),
+// written to `out` rounded once to T.  With `keep`, buf receives the rounded
+// values and their sum of squares is returned (RMSNorm reads them).
+template <DType T>
+float apply_entry(const SteerTableView& t, int64_t e, float* buf, float n2, void* out, bool keep) {
+  const int64_t d = t.d, k = t.k;
+  const float* Q = (t.basis && k > 0) ? t.basis + e * k * d : nullptr;
+  float* coef = nullptr;
+  if (Q) {  // coef_j = c_j - Q_j . h
+    coef = scratch(k, 2);
+    for (int64_t j = 0; j < k; ++j) coef[j] = t.target[e * k + j] - dot(buf, Q + j * d, d);
+  }
+  const float gain = Q ? t.gain[e] : 0.0f;
+  const float* v = t.vec ? t.vec + e * d : nullptr;
+  const float alpha = v ? t.alpha[e] : 0.0f;
+  const float* w = t.scale ? t.scale + e * d : nullptr;
+  const float* b = t.shift ? t.shift + e * d : nullptr;
+  const bool renorm = t.preserve_norm && t.preserve_norm[e];
+
+  auto steered = [&](auto o, int64_t i) {
+    using O = decltype(o);
+    auto y = O::load(buf + i);
+    if (Q) {
+      auto p = O::mul(O::set(coef[0]), O::load(Q + i));
+      for (int64_t j = 1; j < k; ++j) p = O::fma(O::set(coef[j]), O::load(Q + j * d + i), p);
+      y = O::fma(O::set(gain), p, y);
+    }
+    if (v) y = O::fma(O::set(alpha), O::load(v + i), y);
+    if (w) y = O::mul(y, O::load(w + i));
+    if (b) y = O::add(y, O::load(b + i));
+    return y;
+  };
+  // write y rounded to T; with keep, also buf = rounded y and sum its squares
+  Sum kept;
+  auto emit = [&](auto o, int64_t i, auto y) {
+    using O = decltype(o);
+    O::template st<T>(out, i, y);
+    if (keep) {
+      if constexpr (T != DType::F32) y = O::template ld<T>(out, i);
+      O::store(buf + i, y);
+      sum_fma(kept, y, y);
+    }
+  };
+
+  if (!renorm) {
+    each(d, [&](auto o, int64_t i) { emit(o, i, steered(o, i)); });
+    return kept.total();
+  }
+  Sum s2;
+  each(d, [&](auto o, int64_t i) {
+    auto y = steered(o, i);
+    decltype(o)::store(buf + i, y);
+    sum_fma(s2, y, y);
+  });
+  const float n_out = std::sqrt(s2.total());
+  const float f = n_out > 0.0f ? std::sqrt(n2) / std::max(n_out, kTiny) : 1.0f;
+  if (n_out > 0.0f) {
+    each(d, [&](auto o, int64_t i) {
+      using O = decltype(o);
+      emit(o, i, O::mul(O::load(buf + i), O::set(f)));
+    });
+  } else {
+    each(d, [&](auto o, int64_t i) { emit(o, i, decltype(o)::load(buf + i)); });
+  }
+  return kept.total();
+}
+
+template <DType T>
+void steer_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
+  const SteerTableView& t = job.table;
+  const int64_t d = t.d;
+  const int64_t bytes = d * dtype_size(T);
+  float* buf = scratch(d, 0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* src = static_cast<const char*>(job.h) + r * bytes;
+    char* dst = static_cast<char*>(job.out) + r * bytes;
+    const int64_t e = t.K == 0 ? 0 : job.index ? job.index[r] : 1;
+    if (e == 0) {
+      std::memcpy(dst, src, bytes);
+      continue;
+    }
+    const float n2 = load_row<T>(src, buf, d);
+    if (!condition_holds(t, e - 1, buf, n2)) {
+      std::memcpy(dst, src, bytes);
+      continue;
+    }
+    apply_entry<T>(t, e - 1, buf, n2, dst, false);
+  }
+}
+
+// y = (r * rstd) * (weight + offset), rstd = 1 / sqrt(mean(r^2) + eps)
+template <DType T, DType WT>
+void rms_row(const float* buf, float ss, const void* weight, float eps, float offset, void* y, int64_t d) {
+  const float rstd = 1.0f / std::sqrt(ss / float(d) + eps);
+  each(d, [&](auto o, int64_t i) {
+    using O = decltype(o);
+    auto wo = O::add(O::template ld<WT>(weight, i), O::set(offset));
+    O::template st<T>(y, i, O::mul(O::mul(O::load(buf + i), O::set(rstd)), wo));
+  });
+}
+
+template <DType T, DType WT>
+void add_steer_rmsnorm_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
+  const SteerTableView& t = job.table;
+  const int64_t d = t.d;
+  const int64_t bytes = d * dtype_size(T);
+  float* buf = scratch(d, 0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const char* x = static_cast<const char*>(job.h) + r * bytes;
+    char* res_out = static_cast<char*>(job.out) + r * bytes;
+    char* y = static_cast<char*>(job.y) + r * bytes;
+    float ss;
+    if (job.residual) {
+      ss = add_row<T>(x, static_cast<const char*>(job.residual) + r * bytes, res_out, buf, d);
+    } else {
+      ss = load_row<T>(x, buf, d);
+    }
+    const int64_t e = t.K == 0 ? 0 : job.index ? job.index[r] : 1;
+    if (e != 0 && condition_holds(t, e - 1, buf, ss)) {
+      ss = apply_entry<T>(t, e - 1, buf, ss, res_out, true);
+    } else if (!job.residual) {
+      std::memcpy(res_out, x, bytes);  // bit-exact, NaN payloads included
+    }
+    rms_row<T, WT>(buf, ss, job.weight, job.eps, job.weight_offset, y, d);
+  }
+}
+
+template <DType T>
+void scores_t(const void* x, const float* scale, int64_t n, float* xf, float* score) {
+  each(n, [&](auto o, int64_t i) {
+    using O = decltype(o);
+    auto v = O::template ld<T>(x, i);
+    O::store(xf + i, v);
+    auto s = O::abs(v);
+    if (scale) s = O::mul(s, O::load(scale + i));
+    O::store(score + i, s);
+  });
+}
+
+// acc[b, :n] += sum_g coef[b, j+g] * Wt[idx[j+g], t0:t0+n] for G active rows.
+template <int B, int G, DType WT>
+inline void rows_pass(const SparseJob& job, int64_t j, int64_t t0, int64_t n, float* acc, int64_t tc) {
+  const char* w[G];
+  float c[B][G];
+  const int64_t es = dtype_size(WT);
+  for (int g = 0; g < G; ++g) {
+    w[g] = static_cast<const char*>(job.wt) + (int64_t(job.idx[j + g]) * job.out + t0) * es;
+    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * job.nact + j + g];
+  }
+  each(n, [&](auto o, int64_t i) {
+    using O = decltype(o);
+    typename O::T wv[G];
+    for (int g = 0; g < G; ++g) wv[g] = O::template ld<WT>(w[g], i);
+    for (int b = 0; b < B; ++b) {
+      auto a = O::load(acc + b * tc + i);
+      for (int g = 0; g < G; ++g) a = O::fma(O::set(c[b][g]), wv[g], a);
+      O::store(acc + b * tc + i, a);
+    }
+  });
+}
+
+template <DType YT>
+void store_row(const float* acc, const float* bias, void* y, int64_t n) {
+  each(n, [&](auto o, int64_t i) {
+    using O = decltype(o);
+    auto v = O::load(acc + i);
+    if (bias) v = O::add(v, O::load(bias + i));
+    O::template st<YT>(y, i, v);
+  });
+}
+
+constexpr int kRowsPerPass = 4;
+
+template <int B, DType WT>
+void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1) {
+  // column tile: B accumulator rows of tc floats, 16 KiB in all
+  constexpr int64_t kTileFloats = 4096;
+  const int64_t tc_max = (kTileFloats / B) / W * W;
+  const int64_t ncols = c1 - c0;
+  if (ncols <= 0) return;
+  const int64_t ntiles = (ncols + tc_max - 1) / tc_max;
+  const int64_t tc = ((ncols + ntiles - 1) / ntiles + W - 1) / W * W;
+  float* acc = scratch(B * tc, 1);
+  const int64_t ys = dtype_size(job.ydt);
+  for (int64_t t0 = c0; t0 < c1; t0 += tc) {
+    const int64_t n = std::min(tc, c1 - t0);
+    std::memset(acc, 0, sizeof(float) * B * tc);
+    int64_t j = 0;
+    for (; j + kRowsPerPass <= job.nact; j += kRowsPerPass) rows_pass<B, kRowsPerPass, WT>(job, j, t0, n, acc, tc);
+    for (; j < job.nact; ++j) rows_pass<B, 1, WT>(job, j, t0, n, acc, tc);
+    const float* bias = job.bias ? job.bias + t0 : nullptr;
+    for (int b = 0; b < B; ++b) {
+      void* y = static_cast<char*>(job.y) + (b * job.out + t0) * ys;
+      switch (job.ydt) {
+        case DType::F32: store_row<DType::F32>(acc + b * tc, bias, y, n); break;
+        case DType::BF16: store_row<DType::BF16>(acc + b * tc, bias, y, n); break;
+        case DType::F16: store_row<DType::F16>(acc + b * tc, bias, y, n); break;
+      }
+    }
+  }
+}
+
+template <int B>
+void sparse_cols_b(const SparseJob& job, int64_t c0, int64_t c1) {
+  switch (job.wdt) {
+    case DType::F32: sparse_cols_t<B, DType::F32>(job, c0, c1); break;
+    case DType::BF16: sparse_cols_t<B, DType::BF16>(job, c0, c1); break;
+    case DType::F16: sparse_cols_t<B, DType::F16>(job, c0, c1); break;
+  }
+}
+
+// ---------------------------------------------------------------- entry points
+void steer_rows(const SteerJob& job, int64_t r0, int64_t r1) {
+  switch (job.dt) {
+    case DType::F32: steer_rows_t<DType::F32>(job, r0, r1); break;
+    case DType::BF16: steer_rows_t<DType::BF16>(job, r0, r1); break;
+    case DType::F16: steer_rows_t<DType::F16>(job, r0, r1); break;
+  }
+}
+
+template <DType T>
+void add_steer_rmsnorm_rows_w(const SteerJob& job, int64_t r0, int64_t r1) {
+  switch (job.wdt) {
+    case DType::F32: add_steer_rmsnorm_rows_t<T, DType::F32>(job, r0, r1); break;
+    case DType::BF16: add_steer_rmsnorm_rows_t<T, DType::BF16>(job, r0, r1); break;
+    case DType::F16: add_steer_rmsnorm_rows_t<T, DType::F16>(job, r0, r1); break;
+  }
+}
+
+void add_steer_rmsnorm_rows(const SteerJob& job, int64_t r0, int64_t r1) {
+  switch (job.dt) {
+    case DType::F32: add_steer_rmsnorm_rows_w<DType::F32>(job, r0, r1); break;
+    case DType::BF16: add_steer_rmsnorm_rows_w<DType::BF16>(job, r0, r1); break;
+    case DType::F16: add_steer_rmsnorm_rows_w<DType::F16>(job, r0, r1); break;
+  }
+}
+
+void scores(const void* x, DType xdt, const float* scale, int64_t n, float* xf, float* score) {
+  switch (xdt) {
+    case DType::F32: scores_t<DType::F32>(x, scale, n, xf, score); break;
+    case DType::BF16: scores_t<DType::BF16>(x, scale, n, xf, score); break;
+    case DType::F16: scores_t<DType::F16>(x, scale, n, xf, score); break;
+  }
+}
+
+void sparse_cols(const SparseJob& job, int64_t c0, int64_t c1) {
+  switch (job.B) {
+    case 1: sparse_cols_b<1>(job, c0, c1); break;
+    case 2: sparse_cols_b<2>(job, c0, c1); break;
+    case 3: sparse_cols_b<3>(job, c0, c1); break;
+    case 4: sparse_cols_b<4>(job, c0, c1); break;
+    case 5: sparse_cols_b<5>(job, c0, c1); break;
+    case 6: sparse_cols_b<6>(job, c0, c1); break;
+    case 7: sparse_cols_b<7>(job, c0, c1); break;
+    case 8: sparse_cols_b<8>(job, c0, c1); break;
+    default: break;  // the ATen layer never asks for more than 8 rows
+  }
+}
+
+template <DType T>
+void to_f32_t(const void* src, int64_t n, float* dst) {
+  each(n, [&](auto o, int64_t i) { decltype(o)::store(dst + i, decltype(o)::template ld<T>(src, i)); });
+}
+
+void to_f32(const void* src, DType dt, int64_t n, float* dst) {
+  switch (dt) {
+    case DType::F32: to_f32_t<DType::F32>(src, n, dst); break;
+    case DType::BF16: to_f32_t<DType::BF16>(src, n, dst); break;
+    case DType::F16: to_f32_t<DType::F16>(src, n, dst); break;
+  }
+}
+
+}  // namespace
+
+Kernels make_kernels(const char* name) {
+  return Kernels{name, steer_rows, add_steer_rmsnorm_rows, scores, sparse_cols, to_f32};
+}

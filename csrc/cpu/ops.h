@@ -1,0 +1,52 @@
+// The ATen-level entry points of the CPU backend: the kernel-level signatures
+// of steerkern/ops/library.py (schema arguments minus `backend`), on 2-D
+// contiguous row tensors with a flat int32 index or none.  Every argument is
+// checked with TORCH_CHECK, so bad input from C++ is an error, not a crash.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "common.h"
+
+namespace steerkern {
+namespace cpu {
+
+using OptTensor = std::optional<at::Tensor>;
+
+at::Tensor steer(const at::Tensor& h, const OptTensor& index, const OptTensor& basis, const OptTensor& target,
+                 const OptTensor& gain, const OptTensor& vec, const OptTensor& alpha, const OptTensor& scale,
+                 const OptTensor& shift, const OptTensor& cond_dir, const OptTensor& cond_threshold,
+                 const OptTensor& preserve_norm);
+
+std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
+    const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight, double eps, double weight_offset,
+    const OptTensor& index, const OptTensor& basis, const OptTensor& target, const OptTensor& gain,
+    const OptTensor& vec, const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
+    const OptTensor& cond_dir, const OptTensor& cond_threshold, const OptTensor& preserve_norm);
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const OptTensor& bias,
+                         const OptTensor& scale, const at::Tensor& threshold, int64_t topk);
+
+at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, const OptTensor& basis,
+                               const OptTensor& target, const OptTensor& gain, const OptTensor& vec,
+                               const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
+                               const OptTensor& cond_dir, const OptTensor& cond_threshold,
+                               const OptTensor& preserve_norm, const at::Tensor& weight_t, const OptTensor& bias,
+                               const OptTensor& col_scale, const at::Tensor& threshold, int64_t topk);
+
+// ---- argument checks shared by the ops
+
+// fp32, bf16 or fp16, else an error naming `name`.
+DType float_dtype(const at::Tensor& t, const char* name);
+
+// A CPU, 2-D, contiguous fp32/bf16/fp16 tensor.
+void check_rows(const at::Tensor& t, const char* name);
+
+// A CPU, contiguous, 1-D tensor of n elements in a float dtype.
+void check_vector(const at::Tensor& t, int64_t n, const char* name);
+
+}  // namespace cpu
+}  // namespace steerkern

@@ -1,0 +1,244 @@
+// sparse_linear and steer_sparse_linear: y = W (m * x) + bias with the
+// norm-aware mask m = sparse_mask(x, scale, threshold, topk) of each row.
+//
+// Layout: weight_t is W^T [in, out], contiguous, so an inactive input i skips
+// row i of it: a read of nact * out weights instead of in * out.
+// * batch <= 8 (decode): the rows' active sets are merged; each active row of
+//   W^T is read once and applied to every batch row with that row's own
+//   coefficient (0 where the row drops the input), so every row keeps its own
+//   exact mask.  The output columns are split over threads (isa_impl.h:
+//   sparse_cols).
+// * batch > 8 (prefill): the union of active inputs is nearly all of them, so
+//   the masked rows go through one dense fp32 GEMM (bf16/fp16 weights are
+//   widened to fp32 per call, a small cost next to the GEMM itself).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "ops.h"
+
+namespace steerkern {
+namespace cpu {
+namespace {
+
+constexpr int64_t kMaxSmallBatch = 8;
+constexpr int64_t kColumnBlock = 64;  // thread split granularity (whole cache lines)
+
+struct SparseArgs {
+  int64_t in = 0, out = 0;
+  at::Tensor weight_t;
+  DType wdt = DType::F32;
+  at::Tensor bias, scale;  // fp32 copies when given in another dtype
+  float threshold = 0.f;
+  int64_t topk = -1;
+};
+
+at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+SparseArgs check_sparse(int64_t in, const at::Tensor& weight_t, const OptTensor& bias, const OptTensor& scale,
+                        const char* scale_name, const at::Tensor& threshold, int64_t topk) {
+  SparseArgs a;
+  TORCH_CHECK(weight_t.device().is_cpu(), "weight_t: expected a CPU tensor, got one on ", weight_t.device());
+  TORCH_CHECK(weight_t.dim() == 2 && weight_t.size(0) == in, "weight_t: expected shape [", in,
+              ", out] (W^T, in = x.shape[-1]), got ", weight_t.sizes());
+  TORCH_CHECK(weight_t.is_contiguous(), "weight_t: expected a contiguous [in, out] tensor");
+  a.weight_t = weight_t;
+  a.wdt = float_dtype(weight_t, "weight_t");
+  a.in = in;
+  a.out = weight_t.size(1);
+  if (bias.has_value()) {
+    check_vector(*bias, a.out, "bias");
+    a.bias = as_f32(*bias);
+  }
+  if (scale.has_value()) {
+    check_vector(*scale, in, scale_name);
+    a.scale = as_f32(*scale);
+  }
+  TORCH_CHECK(threshold.device().is_cpu(), "threshold: expected a CPU tensor, got one on ", threshold.device());
+  TORCH_CHECK(threshold.numel() == 1 && threshold.is_floating_point(),
+              "threshold: expected a floating-point scalar tensor, got ", threshold.scalar_type(), " of shape ",
+              threshold.sizes());
+  a.threshold = threshold.scalar_type() == at::kFloat ? *threshold.data_ptr<float>()
+                                                      : threshold.to(at::kFloat).item<float>();
+  a.topk = topk;
+  return a;
+}
+
+// A total order key of an fp32 score: larger key = larger score, every NaN
+// above +inf (all NaNs equal), -0 == +0.
+inline uint32_t order_key(float s) {
+  if (std::isnan(s)) return 0xFFFFFFFFu;
+  const uint32_t u = f32_to_bits(s + 0.0f);  // -0 + 0 = +0
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// flag[i] = 1 for the k largest scores; ties keep the lower index, NaN ranks
+// highest: the stable descending sort of reference.sparse_mask.  Radix
+// selection of the k-th largest key (11 + 11 + 10 bits), then one ordered scan.
+void topk_flags(const float* score, int64_t n, int64_t k, uint8_t* flag) {
+  if (k <= 0 || n == 0) {
+    std::fill(flag, flag + n, uint8_t(0));
+    return;
+  }
+  if (k >= n) {
+    std::fill(flag, flag + n, uint8_t(1));
+    return;
+  }
+  std::unique_ptr<uint32_t[]> keys(new uint32_t[n]), cand(new uint32_t[n]);
+  for (int64_t i = 0; i < n; ++i) keys[i] = order_key(score[i]);
+  const uint32_t* src = keys.get();
+  int64_t count = n;
+  int64_t need = k;  // how many of the remaining candidates to keep
+  uint32_t prefix = 0;
+  const int shifts[3] = {21, 10, 0};
+  const int widths[3] = {11, 11, 10};
+  for (int p = 0; p < 3; ++p) {
+    const uint32_t mask = (1u << widths[p]) - 1u;
+    int64_t hist[2048] = {0};
+    for (int64_t i = 0; i < count; ++i) ++hist[(src[i] >> shifts[p]) & mask];
+    uint32_t digit = mask;
+    for (;; --digit) {
+      if (hist[digit] >= need) break;
+      need -= hist[digit];
+    }
+    prefix |= digit << shifts[p];
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      cand[kept] = src[i];
+      kept += ((src[i] >> shifts[p]) & mask) == digit;
+    }
+    src = cand.get();
+    count = kept;
+  }
+  // prefix is the k-th largest key; keep everything above it and the first
+  // `need` keys equal to it
+  int64_t ties = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool eq = keys[i] == prefix;
+    flag[i] = uint8_t((keys[i] > prefix) | (eq & (ties < need)));
+    ties += eq;
+  }
+}
+
+// flag[i] = input i of this row stays active (reference.sparse_mask).
+void mask_row(const float* score, int64_t n, const SparseArgs& a, uint8_t* flag) {
+  if (a.topk >= 0) {
+    topk_flags(score, n, a.topk, flag);
+    return;
+  }
+  const float t = a.threshold;
+  for (int64_t i = 0; i < n; ++i) flag[i] = !(score[i] <= t);  // NaN stays active
+}
+
+const float* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+// batch <= 8: one pass over the union of the rows' active inputs.
+void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
+  const Kernels& kern = kernels();
+  const int64_t B = x.size(0), in = a.in;
+  const DType xdt = float_dtype(x, "x");
+  const int64_t xs = dtype_size(xdt);
+  std::unique_ptr<float[]> xf(new float[B * in]), score(new float[in]);
+  std::unique_ptr<uint8_t[]> flags(new uint8_t[B * in]);
+  for (int64_t b = 0; b < B; ++b) {
+    kern.scores(static_cast<const char*>(x.data_ptr()) + b * in * xs, xdt, opt_ptr(a.scale), in, xf.get() + b * in,
+                score.get());
+    mask_row(score.get(), in, a, flags.get() + b * in);
+  }
+  std::unique_ptr<int32_t[]> idx(new int32_t[in]);
+  int64_t nact = 0;
+  for (int64_t i = 0; i < in; ++i) {
+    uint8_t any = 0;
+    for (int64_t b = 0; b < B; ++b) any |= flags[b * in + i];
+    idx[nact] = int32_t(i);
+    nact += any;
+  }
+  std::unique_ptr<float[]> coef(new float[B * std::max<int64_t>(nact, 1)]);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = xf.get() + b * in;
+    const uint8_t* fb = flags.get() + b * in;
+    for (int64_t j = 0; j < nact; ++j) coef[b * nact + j] = fb[idx[j]] ? xb[idx[j]] : 0.0f;
+  }
+  SparseJob job;
+  job.B = B;
+  job.nact = nact;
+  job.idx = idx.get();
+  job.coef = coef.get();
+  job.wt = a.weight_t.data_ptr();
+  job.wdt = a.wdt;
+  job.out = a.out;
+  job.bias = opt_ptr(a.bias);
+  job.y = y.data_ptr();
+  job.ydt = xdt;
+  const int64_t blocks = (a.out + kColumnBlock - 1) / kColumnBlock;
+  // at least ~64K multiply-adds per thread, so that small layers stay inline
+  const int64_t work_per_block = std::max<int64_t>(1, B * nact * kColumnBlock);
+  const int64_t grain = std::max<int64_t>(1, 65536 / work_per_block);
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    kern.sparse_cols(job, b0 * kColumnBlock, std::min(b1 * kColumnBlock, a.out));
+  });
+}
+
+// batch > 8: masked rows in fp32, then one dense GEMM.
+void large_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
+  const Kernels& kern = kernels();
+  const int64_t B = x.size(0), in = a.in;
+  const DType xdt = float_dtype(x, "x");
+  const int64_t xs = dtype_size(xdt);
+  at::Tensor xm = at::empty({B, in}, x.options().dtype(at::kFloat));
+  float* xmp = xm.data_ptr<float>();
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1)), [&](int64_t r0, int64_t r1) {
+    float* score = scratch(in, 3);
+    std::unique_ptr<uint8_t[]> flag(new uint8_t[in]);
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = xmp + r * in;
+      kern.scores(xp + r * in * xs, xdt, opt_ptr(a.scale), in, row, score);
+      mask_row(score, in, a, flag.get());
+      for (int64_t i = 0; i < in; ++i) row[i] = flag[i] ? row[i] : 0.0f;
+    }
+  });
+  at::Tensor acc = at::mm(xm, as_f32(a.weight_t));
+  if (a.bias.defined()) acc.add_(a.bias);
+  y.copy_(acc);
+}
+
+at::Tensor sparse_linear_checked(const at::Tensor& x, const SparseArgs& a) {
+  at::Tensor y = at::empty({x.size(0), a.out}, x.options());
+  if (x.size(0) == 0 || a.out == 0) return y;
+  if (x.size(0) <= kMaxSmallBatch) {
+    small_batch(x, a, y);
+  } else {
+    large_batch(x, a, y);
+  }
+  return y;
+}
+
+}  // namespace
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const OptTensor& bias,
+                         const OptTensor& scale, const at::Tensor& threshold, int64_t topk) {
+  check_rows(x, "x");
+  const SparseArgs a = check_sparse(x.size(1), weight_t, bias, scale, "scale", threshold, topk);
+  return sparse_linear_checked(x, a);
+}
+
+at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, const OptTensor& basis,
+                               const OptTensor& target, const OptTensor& gain, const OptTensor& vec,
+                               const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
+                               const OptTensor& cond_dir, const OptTensor& cond_threshold,
+                               const OptTensor& preserve_norm, const at::Tensor& weight_t, const OptTensor& bias,
+                               const OptTensor& col_scale, const at::Tensor& threshold, int64_t topk) {
+  check_rows(h, "h");
+  // every argument is checked before any work is done
+  const SparseArgs a = check_sparse(h.size(1), weight_t, bias, col_scale, "col_scale", threshold, topk);
+  // the steered rows are rounded to h's dtype, as if written out (the spec)
+  const at::Tensor s = steer(h, index, basis, target, gain, vec, alpha, scale, shift, cond_dir, cond_threshold,
+                             preserve_norm);
+  return sparse_linear_checked(s, a);
+}
+
+}  // namespace cpu
+}  // namespace steerkern

@@ -1,0 +1,177 @@
+"""Steered layer forwards, one per layer kind (see :mod:`.registry`).
+
+Each is the family's own layer forward with the three steering sites made
+explicit.  A site with no steering runs exactly the original operations in
+the original order, so a layer patched with an empty plan computes bit-exact
+what it computed before.  Where the post-attention residual feeds an RMSNorm
+(prenorm and sandwich kinds) a steered site is one fused
+``add_steer_rmsnorm``: residual add, steer and norm in one pass.
+
+Every forward reads its layer's :class:`LayerSteering` (``self.steerkern``)
+and passes the layer's other arguments on to the attention unchanged.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional
+
+from torch import Tensor, nn
+
+from .modules import SiteSteer
+
+
+class LayerSteering(nn.Module):
+    """The steering sites of one layer, attached to it as ``layer.steerkern``."""
+
+    def __init__(self, layer_module: nn.Module, pre: Optional[SiteSteer], post_attn: Optional[SiteSteer],
+                 post_mlp: Optional[SiteSteer], mlp_norm: Optional[str], norm_offset: float) -> None:
+        super().__init__()
+        self.pre, self.post_attn, self.post_mlp = pre, post_attn, post_mlp
+        self.norm_offset = norm_offset
+        self.mlp_norm = mlp_norm
+        if mlp_norm is not None:
+            norm = getattr(layer_module, mlp_norm)
+            self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        sig = inspect.signature(type(layer_module).forward)
+        # names of the positional arguments after hidden_states, to pass them on by name
+        self.arg_names: List[str] = [p.name for p in list(sig.parameters.values())[2:]
+                                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def extra_repr(self) -> str:
+        return f"mlp_norm={self.mlp_norm}, norm_offset={self.norm_offset}"
+
+    def kwargs(self, args, kwargs) -> dict:
+        if args:
+            kwargs.update(zip(self.arg_names, args))
+        return kwargs
+
+    def fused_norm(self, layer: nn.Module, x: Tensor, residual: Tensor):
+        """``(r, y)``: the steered post-attention stream and its MLP norm."""
+        norm = getattr(layer, self.mlp_norm)
+        return self.post_attn.add_norm(x, residual, norm.weight, self.eps, self.norm_offset)
+
+
+def _dropout(layer, name: str, x: Tensor) -> Tensor:
+    mod = getattr(layer, name, None)
+    return x if mod is None else mod(x)
+
+
+def prenorm_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    """Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3."""
+    sk = self.steerkern
+    kwargs = sk.kwargs(args, kwargs)
+    if sk.pre is not None:
+        hidden_states = sk.pre(hidden_states)
+    residual = hidden_states
+    x = self.input_layernorm(hidden_states)
+    x, _ = self.self_attn(hidden_states=x, **kwargs)
+    x = _dropout(self, "resid_attn_dropout", x)  # Phi-3
+    if sk.post_attn is None:
+        hidden_states = residual + x
+        residual = hidden_states
+        x = self.post_attention_layernorm(hidden_states)
+    else:
+        residual, x = sk.fused_norm(self, x, residual)
+    x = self.mlp(x)
+    hidden_states = residual + _dropout(self, "resid_mlp_dropout", x)
+    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+
+
+def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    """Gemma2, Gemma3: norms on both sides of attention and MLP."""
+    sk = self.steerkern
+    kwargs = sk.kwargs(args, kwargs)
+    if sk.pre is not None:
+        hidden_states = sk.pre(hidden_states)
+    residual = hidden_states
+    x = self.input_layernorm(hidden_states)
+    x, _ = self.self_attn(hidden_states=x, **kwargs)
+    x = self.post_attention_layernorm(x)
+    if sk.post_attn is None:
+        hidden_states = residual + x
+        residual = hidden_states
+        x = self.pre_feedforward_layernorm(hidden_states)
+    else:
+        residual, x = sk.fused_norm(self, x, residual)
+    x = self.mlp(x)
+    x = self.post_feedforward_layernorm(x)
+    hidden_states = residual + x
+    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+
+
+def gpt2_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    """GPT-2 (LayerNorm: the steer op, then the original norm)."""
+    sk = self.steerkern
+    kwargs = sk.kwargs(args, kwargs)
+    if kwargs.pop("encoder_hidden_states", None) is not None:
+        raise ValueError("encoder_hidden_states: GPT-2 cross-attention is not supported by steerkern patching")
+    kwargs.pop("encoder_attention_mask", None)
+    if sk.pre is not None:
+        hidden_states = sk.pre(hidden_states)
+    residual = hidden_states
+    attn_output, _ = self.attn(self.ln_1(hidden_states), **kwargs)
+    hidden_states = attn_output + residual
+    if sk.post_attn is not None:
+        hidden_states = sk.post_attn(hidden_states)
+    residual = hidden_states
+    hidden_states = residual + self.mlp(self.ln_2(hidden_states))
+    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+
+
+def neox_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    """GPT-NeoX; with the parallel residual there is no post-attention stream."""
+    sk = self.steerkern
+    kwargs = sk.kwargs(args, kwargs)
+    if sk.pre is not None:
+        hidden_states = sk.pre(hidden_states)
+    attn_output, _ = self.attention(self.input_layernorm(hidden_states), **kwargs)
+    attn_output = self.post_attention_dropout(attn_output)
+    if self.use_parallel_residual:
+        mlp_output = self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(hidden_states)))
+        hidden_states = mlp_output + attn_output + hidden_states
+    else:
+        attn_output = attn_output + hidden_states
+        if sk.post_attn is not None:
+            attn_output = sk.post_attn(attn_output)
+        mlp_output = self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(attn_output)))
+        hidden_states = mlp_output + attn_output
+    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+
+
+def wrap_forward(self, hidden_states: Tensor, *args, **kwargs):
+    """BERT and the generic fallback: the original forward, steered around.
+
+    The post-attention site (BERT) is the output of the module named by the
+    family's ``post_attn_module``, steered by :func:`wrap_module_output`.
+    """
+    sk = self.steerkern
+    if sk.pre is not None:
+        hidden_states = sk.pre(hidden_states)
+    out = type(self).forward(self, hidden_states, *args, **kwargs)
+    if sk.post_mlp is None:
+        return out
+    if isinstance(out, tuple):
+        return (sk.post_mlp(out[0]),) + out[1:]
+    return sk.post_mlp(out)
+
+
+def wrap_module_output(module: nn.Module, site: SiteSteer):
+    """A forward for ``module`` that steers what its class forward returns."""
+    original = type(module).forward
+
+    def forward(*args, **kwargs):
+        out = original(module, *args, **kwargs)
+        if isinstance(out, tuple):
+            return (site(out[0]),) + out[1:]
+        return site(out)
+
+    return forward
+
+
+FORWARDS = {
+    "prenorm": prenorm_forward,
+    "sandwich": sandwich_forward,
+    "gpt2": gpt2_forward,
+    "neox": neox_forward,
+    "wrap": wrap_forward,
+}

@@ -1,0 +1,271 @@
+"""The modules that a patched model runs: steering sites and sparse projections.
+
+* :class:`SiteSteer` holds the steering tables of one site of one layer and
+  applies them with the fused ops (``add_steer_rmsnorm`` where the site feeds
+  an RMSNorm, ``steer`` elsewhere).
+* :class:`SparseLinear` replaces an ``nn.Linear`` (or GPT-2's ``Conv1D``)
+  whose input is sparsified; it keeps the original ``weight``/``bias``
+  parameters under the same names, so state-dict keys do not change.
+* :class:`TokenPositions` tracks, per forward, the position of every token in
+  its row through the KV cache, and turns each steering slot's position mode
+  and variant map into the per-row table index of the steer op.
+
+The modules call the ``torch.ops.steerkern`` ops directly: the tables and
+prepared weights were validated once, at patch time, so the per-call Python
+argument checks of :mod:`steerkern.ops` are skipped on this hot path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import library
+from ..ops.table import SparseWeight, SteerTable
+
+
+def _device_of(fn) -> torch.device:
+    # what Module._apply's fn does to a tensor tells where the module is going
+    return fn(torch.zeros(1)).device
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """Which rows one table applies to: a position mode and a variant map.
+
+    ``variant_map[v]`` is the table index for rows of variant ``v`` (``0``:
+    the variant has no entry in this table).
+    """
+
+    positions: Union[str, int]
+    variant_map: Tensor  # [K + 1] int32
+
+    @property
+    def num_variants(self) -> int:
+        return self.variant_map.numel() - 1
+
+
+class TokenPositions:
+    """Per-forward token positions and per-row variants of one patched model.
+
+    A forward pre-hook on the module that owns the layers calls :meth:`begin`
+    with the batch shape, the KV cache's length and the 2-D attention mask.
+    A token's position is its index among the real (unpadded) tokens of its
+    row.  The prompt is what the first forward of a generation (empty cache)
+    saw; every later token is generated.
+    """
+
+    def __init__(self) -> None:
+        self.variant_rows: Optional[Tensor] = None  # [B] int32, set by the handle
+        self.positions: Optional[Tensor] = None     # [B, S] int64
+        self.prompt_len: Optional[Tensor] = None    # [B] int64
+        self._cache = {}
+
+    def begin(self, batch: int, seq: int, past: int, attention_mask: Optional[Tensor], device) -> None:
+        self._cache = {}
+        mask = attention_mask
+        if mask is not None and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= past + seq:
+            real = mask[:, : past + seq].to(device=device, dtype=torch.long) != 0
+            pos = real.cumsum(-1) - 1
+            positions = pos[:, past:]
+            prompt = real[:, :seq].sum(-1)
+        else:
+            positions = torch.arange(past, past + seq, device=device).expand(batch, seq)
+            prompt = torch.full((batch,), seq, device=device)
+        self.positions = positions
+        if past == 0 or self.prompt_len is None or self.prompt_len.shape[0] != batch:
+            self.prompt_len = prompt
+
+    def index(self, slot: Slot, h: Tensor) -> Optional[Tensor]:
+        """The steer op's per-row index for ``slot`` at hidden states ``h`` ``[B, S, d]``."""
+        if slot.positions == "all" and self.variant_rows is None and slot.num_variants == 1:
+            return None  # every row uses entry 1: the op's fast path
+        key = id(slot)
+        cached = self._cache.get(key)
+        lead = h.shape[:-1]
+        if cached is not None and cached.shape == lead:
+            return cached
+        B = lead[0] if len(lead) == 2 else 1
+        S = lead[-1]
+        rows = self.variant_rows
+        if rows is None:
+            if slot.num_variants > 1:
+                raise ValueError(f"variants: the steering plan has {slot.num_variants} variants; choose one "
+                                 f"per row with handle.set_variants(index) before running the model")
+            rows = torch.ones(B, dtype=torch.int32, device=h.device)
+        if rows.shape[0] != B:
+            raise ValueError(f"variants: {rows.shape[0]} per-row variant indices were set, "
+                             f"but the batch has {B} rows")
+        entry = slot.variant_map.to(h.device)[rows.long()][:, None].expand(B, S)
+        if slot.positions != "all":
+            pos = self.positions
+            if pos is None or tuple(pos.shape) != (B, S):
+                pos = torch.arange(S, device=h.device).expand(B, S)
+                prompt = torch.full((B,), S, device=h.device)
+            else:
+                prompt = self.prompt_len
+            if slot.positions == "prompt":
+                keep = pos < prompt[:, None]
+            elif slot.positions == "generated":
+                keep = pos >= prompt[:, None]
+            else:
+                keep = pos >= slot.positions
+            entry = torch.where(keep, entry, torch.zeros((), dtype=entry.dtype, device=h.device))
+        index = entry.to(torch.int32).reshape(lead).contiguous()
+        self._cache[key] = index
+        return index
+
+
+class SiteSteer(nn.Module):
+    """The steering at one site (``pre``, ``post_attn``, ``post_mlp``) of one layer.
+
+    Holds one :class:`SteerTable` per intervention slot, applied in order.
+    Table tensors are fp32 and stay fp32 when the model's dtype changes; they
+    may be written in place between calls (see ``PatchHandle.set_alpha``).
+    """
+
+    def __init__(self, layer: int, site: str, tables: Sequence[SteerTable], slots: Sequence[Slot],
+                 tracker: TokenPositions, backend: str = "auto") -> None:
+        super().__init__()
+        self.layer, self.site, self.backend = layer, site, backend
+        self.tables: List[SteerTable] = list(tables)
+        self.slots: List[Slot] = list(slots)
+        self.tracker = tracker
+
+    def extra_repr(self) -> str:
+        parts = []
+        for t, s in zip(self.tables, self.slots):
+            comps = [n for n in SteerTable.tensor_names() if getattr(t, n) is not None]
+            parts.append(f"[K={t.size}: {'+'.join(comps)}, positions={s.positions}]")
+        return f"layer={self.layer}, site={self.site}, tables={', '.join(parts)}, backend={self.backend}"
+
+    def _apply(self, fn, recurse=True):
+        # follow the model's device, never its dtype: the kernels read fp32 tables
+        device = _device_of(fn)
+        self.tables = [t.to(device) for t in self.tables]
+        for s in self.slots:
+            s.variant_map = s.variant_map.to(device)
+        return self
+
+    def forward(self, h: Tensor) -> Tensor:
+        steer = library.op("steer")
+        for table, slot in zip(self.tables, self.slots):
+            h = steer(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
+        return h
+
+    def add_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 weight_offset: float) -> Tuple[Tensor, Tensor]:
+        """``r = steer(x + residual)``, ``y = rmsnorm(r)``: the last table fused with the norm."""
+        fused = library.op("add_steer_rmsnorm")
+        *first, last = range(len(self.tables))
+        if first:
+            x = self.forward_slots(x + residual, first)
+            residual = None
+        table, slot = self.tables[last], self.slots[last]
+        return fused(x, residual, weight, eps, weight_offset, self.tracker.index(slot, x),
+                     *table.tensors(), backend=self.backend)
+
+    def forward_slots(self, h: Tensor, which) -> Tensor:
+        steer = library.op("steer")
+        for i in which:
+            h = steer(h, self.tracker.index(self.slots[i], h), *self.tables[i].tensors(), backend=self.backend)
+        return h
+
+
+class SparseLinear(nn.Module):
+    """A projection whose input is sparsified (norm-aware, per row).
+
+    Single-token calls (decode: ``x.shape[-2] == 1``) run the
+    ``sparse_linear`` kernel on ``W^T``, prepared once.  Multi-token calls
+    (prefill) apply the same mask and run a dense matmul (``prefill="sparse"``)
+    or skip the mask (``prefill="dense"``).  ``parts`` splits a fused
+    projection's output (q/k/v of Phi-3's ``qkv_proj``, say): one threshold
+    per part, each with its own prepared weight.
+    """
+
+    def __init__(self, original: nn.Module, transposed: bool, parts: Sequence[Tuple[int, float]],
+                 mode: str, prefill: str, backend: str = "auto", share_layout: bool = False) -> None:
+        super().__init__()
+        # ``transposed``: the original stores W^T [in, out] (GPT-2's Conv1D)
+        self.weight = original.weight
+        self.bias = original.bias
+        self.transposed, self.mode, self.prefill, self.backend = transposed, mode, prefill, backend
+        w = self.weight.detach()
+        w_out_in = w.T if transposed else w
+        self.parts: List[SparseWeight] = []
+        self.thresholds: List[Tensor] = []
+        self.ranges: List[Tuple[int, int]] = []
+        start = 0
+        for width, threshold in parts:
+            self.ranges.append((start, start + width))
+            rows = w_out_in[start:start + width]
+            b = None if self.bias is None else self.bias.detach()[start:start + width]
+            if share_layout and transposed and len(parts) == 1:
+                # Conv1D already stores W^T contiguous: no copy needed
+                sw = SparseWeight(w.contiguous(), b, rows.float().norm(dim=0) if mode == "wina" else None)
+            else:
+                sw = SparseWeight.from_linear(rows, b, mode=mode)
+            self.parts.append(sw)
+            self.thresholds.append(torch.tensor(float(threshold), dtype=torch.float32, device=w.device))
+            start += width
+        self.in_features = w_out_in.shape[1]
+        self.out_features = w_out_in.shape[0]
+
+    @property
+    def layout_bytes(self) -> int:
+        """Bytes held by the prepared layout that the original does not share."""
+        own = 0
+        for p in self.parts:
+            if p.weight_t.untyped_storage().data_ptr() != self.weight.untyped_storage().data_ptr():
+                own += p.weight_t.numel() * p.weight_t.element_size()
+            own += 0 if p.scale is None else p.scale.numel() * 4
+        return own
+
+    def extra_repr(self) -> str:
+        ts = ", ".join(f"{float(t):.4g}" for t in self.thresholds)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
+                f"threshold=[{ts}], prefill={self.prefill}, backend={self.backend}")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = _device_of(fn)
+        dtype = self.weight.dtype if self.weight.numel() else self.parts[0].weight_t.dtype
+        self.parts = [SparseWeight(p.weight_t.to(device=device, dtype=dtype).contiguous(),
+                                   None if p.bias is None else p.bias.to(device=device, dtype=dtype),
+                                   None if p.scale is None else p.scale.to(device))
+                      for p in self.parts]
+        self.thresholds = [t.to(device) for t in self.thresholds]
+        return self
+
+    def set_threshold(self, value: float, part: int = 0) -> None:
+        """Write a new threshold in place (no re-patching, no recompile)."""
+        self.thresholds[part].fill_(float(value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 1 or x.shape[-2] == 1:
+            op = library.op("sparse_linear")
+            outs = [op(x, p.weight_t, p.bias, p.scale, t, -1, backend=self.backend)
+                    for p, t in zip(self.parts, self.thresholds)]
+        else:
+            outs = [self._prefill(x, i) for i in range(len(self.parts))]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _prefill(self, x: Tensor, i: int) -> Tensor:
+        p, threshold = self.parts[i], self.thresholds[i]
+        if self.prefill == "sparse":
+            score = x.float().abs()
+            if p.scale is not None:
+                score = score * p.scale
+            # ~(score <= t), as the kernel: a NaN input stays active
+            x = torch.where(score <= threshold, torch.zeros((), dtype=x.dtype, device=x.device), x)
+        if not self.transposed and self.weight.numel():
+            # the original layout is still there: the very matmul nn.Linear runs
+            lo, hi = self.ranges[i]
+            bias = None if self.bias is None else self.bias[lo:hi]
+            return F.linear(x, self.weight[lo:hi], bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ p.weight_t if p.bias is None else torch.addmm(p.bias, x2, p.weight_t)
+        return y.reshape(*x.shape[:-1], -1)

@@ -1,0 +1,384 @@
+"""Every kernel backend that runs on CPU tensors against the reference.
+
+fp32 must agree with the fp64 reference to 1e-5 relative to the row's
+magnitude; bf16/fp16 may err at most twice as much as torch itself does in
+that dtype (see conftest).  Shapes include the awkward ones: d = 1, d not a
+multiple of 8, no rows, one row, more than 8 rows (the prefill path) and a
+leading shape [2, 3].
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pytest
+import torch
+
+import steerkern
+from steerkern import SparseWeight, SteerTable
+from steerkern.ops import reference as R
+
+from conftest import (
+    COMPONENTS, DTYPES, assert_bit_exact, best_topk, check_output, cycling_index, fit_shape,
+    make_table, rmsnorm_scale, robust_conditions, robust_threshold, score_of, sparse_scale,
+    stable_threshold_rows, stable_topk_rows, steer_scale,
+)
+
+dtypes = pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+weight_dtypes = pytest.mark.parametrize("wdtype", list(DTYPES.values()), ids=[f"w_{k}" for k in DTYPES])
+
+# (leading shape, d): what the kernels must get right beyond the easy case
+SHAPES = [
+    pytest.param((1,), 32, id="1row_d32"),
+    pytest.param((4,), 13, id="4rows_d13"),
+    pytest.param((3,), 1, id="3rows_d1"),
+    pytest.param((2,), 67, id="2rows_d67"),
+    pytest.param((0,), 16, id="0rows"),
+    pytest.param((17,), 40, id="17rows_prefill"),
+    pytest.param((2, 3), 24, id="lead2x3_d24"),
+]
+# (leading shape, in, out) for the sparse ops
+SPARSE_SHAPES = [
+    pytest.param((1,), 32, 16, id="1row_in32_out16"),
+    pytest.param((3,), 13, 7, id="3rows_in13_out7"),
+    pytest.param((2,), 1, 3, id="2rows_in1_out3"),
+    pytest.param((2,), 67, 33, id="2rows_in67_out33"),
+    pytest.param((3,), 8, 1, id="3rows_in8_out1"),
+    pytest.param((0,), 16, 8, id="0rows"),
+    pytest.param((17,), 40, 24, id="17rows_prefill"),
+    pytest.param((2, 3), 24, 10, id="lead2x3_in24_out10"),
+]
+
+TABLE_KINDS = {
+    "ablation": dict(components=("projection",), ablation=True),
+    "clamp_partial_gain": dict(components=("projection",)),
+    "addition": dict(components=("addition",)),
+    "affine": dict(components=("affine",)),
+    "condition": dict(components=("condition", "addition")),
+    "preserve_norm": dict(components=("projection", "addition", "preserve_norm")),
+    "everything_3_entries": dict(components=COMPONENTS, K=3),
+}
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _flat(index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if index is None else index.reshape(-1).to(torch.int32)
+
+
+# ------------------------------------------------------------------ steer
+
+
+def check_steer(backend, h, table, index, what):
+    out = steerkern.steer(h, table, index, backend=backend)
+    assert out.shape == h.shape and out.dtype == h.dtype, what
+    h2, idx = _rows(h), _flat(index)
+    check_output(out, lambda acc: R.steer(h2, idx, *table.tensors(), acc=acc),
+                 lambda golden: steer_scale(h2, table, idx), what)
+    if idx is not None:
+        off = idx == 0
+        assert_bit_exact(_rows(out)[off], h2[off], f"{what}: index-0 rows")
+
+
+@dtypes
+@pytest.mark.parametrize("lead, d", SHAPES)
+def test_steer_matches_reference_across_shapes(backend, gen, dtype, lead, d):
+    lead, d = fit_shape(backend, lead, d)
+    table = make_table(d, gen, K=3)
+    h = torch.randn(*lead, d, generator=gen).to(dtype)
+    robust_conditions(h, table)
+    check_steer(backend, h, table, cycling_index(lead, 3, gen), f"steer[{backend}] {dtype} {lead}x{d}")
+
+
+@dtypes
+@pytest.mark.parametrize("kind", list(TABLE_KINDS))
+def test_steer_matches_reference_for_each_component(backend, gen, dtype, kind):
+    d = 19
+    table = make_table(d, gen, **TABLE_KINDS[kind])
+    h = torch.randn(4, d, generator=gen).to(dtype)
+    robust_conditions(h, table)
+    check_steer(backend, h, table, cycling_index((4,), table.size, gen), f"steer[{backend}] {kind} {dtype}")
+
+
+@dtypes
+def test_steer_index_none_uses_the_first_entry(backend, gen, dtype):
+    d = 21
+    table = make_table(d, gen, K=2)
+    h = torch.randn(3, d, generator=gen).to(dtype)
+    robust_conditions(h, table)
+    check_steer(backend, h, table, None, f"steer[{backend}] index=None {dtype}")
+
+
+@dtypes
+def test_steer_with_an_empty_basis(backend, gen, dtype):
+    d = 12
+    table = SteerTable(d, basis=torch.zeros(2, 0, d), target=torch.zeros(2, 0), gain=torch.ones(2),
+                       vec=torch.randn(2, d, generator=gen), alpha=torch.tensor([0.5, -1.0]))
+    h = torch.randn(3, d, generator=gen).to(dtype)
+    check_steer(backend, h, table, torch.tensor([1, 2, 0], dtype=torch.int32), f"steer[{backend}] k=0 {dtype}")
+
+
+@dtypes
+def test_steer_index_zero_rows_pass_through_bit_exact_even_nan(backend, gen, dtype):
+    d = 10
+    table = make_table(d, gen, K=2)
+    h = torch.randn(4, d, generator=gen).to(dtype)
+    h[0, 1], h[2, 5] = float("nan"), float("inf")
+    index = torch.tensor([0, 1, 0, 2], dtype=torch.int32)
+    out = steerkern.steer(h, table, index, backend=backend)
+    assert_bit_exact(out[[0, 2]], h[[0, 2]], f"steer[{backend}] index-0 rows")
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1e3], ids=["tiny_values", "large_values"])
+def test_steer_fp32_holds_at_other_magnitudes(backend, gen, magnitude):
+    d = 33
+    table = make_table(d, gen, K=2, magnitude=magnitude)
+    h = torch.randn(4, d, generator=gen) * magnitude
+    robust_conditions(h, table)
+    check_steer(backend, h, table, cycling_index((4,), 2, gen), f"steer[{backend}] magnitude {magnitude:g}")
+
+
+# ------------------------------------------------------------------ add_steer_rmsnorm
+
+
+def check_add_steer_rmsnorm(backend, x, residual, weight, eps, table, index, weight_offset, what):
+    r, y = steerkern.add_steer_rmsnorm(x, residual, weight, eps, table=table, index=index,
+                                       weight_offset=weight_offset, backend=backend)
+    assert r.shape == x.shape and y.shape == x.shape and r.dtype == x.dtype and y.dtype == x.dtype, what
+    x2, idx = _rows(x), _flat(index)
+    res2 = None if residual is None else _rows(residual)
+    tensors = table.tensors() if table is not None else (None,) * len(SteerTable.tensor_names())
+
+    def ref(acc):
+        return R.add_steer_rmsnorm(x2, res2, weight, eps, weight_offset, idx, *tensors, acc=acc)
+
+    summed = x2 if res2 is None else (x2.float() + res2.float()).to(x.dtype)
+    r_scale = (steer_scale(summed, table, idx) if table is not None
+               else summed.double().norm(dim=1, keepdim=True))
+    check_output(r, lambda acc: ref(acc)[0], lambda golden: r_scale, f"{what}: r")
+    check_output(y, lambda acc: ref(acc)[1],
+                 lambda golden: rmsnorm_scale(r_scale, ref(torch.float64)[0], weight, eps, weight_offset),
+                 f"{what}: y")
+
+
+@dtypes
+@pytest.mark.parametrize("lead, d", SHAPES)
+def test_add_steer_rmsnorm_matches_reference_across_shapes(backend, gen, dtype, lead, d):
+    lead, d = fit_shape(backend, lead, d)
+    table = make_table(d, gen, K=3)
+    x = torch.randn(*lead, d, generator=gen).to(dtype)
+    residual = torch.randn(*lead, d, generator=gen).to(dtype)
+    robust_conditions((x.float() + residual.float()).to(dtype), table)
+    weight = torch.rand(d, generator=gen) + 0.5
+    check_add_steer_rmsnorm(backend, x, residual, weight, 1e-6, table, cycling_index(lead, 3, gen), 0.0,
+                            f"add_steer_rmsnorm[{backend}] {dtype} {lead}x{d}")
+
+
+VARIANTS = ["no_residual", "gemma_weight_offset", "weight_in_x_dtype", "index_none", "no_table", "eps_large"]
+
+
+@dtypes
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_add_steer_rmsnorm_variants(backend, gen, dtype, variant):
+    d, eps, offset = 26, 1e-6, 0.0
+    table = make_table(d, gen, K=2)
+    x = torch.randn(3, d, generator=gen).to(dtype)
+    residual = None if variant == "no_residual" else torch.randn(3, d, generator=gen).to(dtype)
+    weight = torch.rand(d, generator=gen) + 0.5
+    index = None if variant == "index_none" else cycling_index((3,), 2, gen)
+    if variant == "gemma_weight_offset":
+        weight, offset = torch.randn(d, generator=gen) * 0.1, 1.0
+    if variant == "weight_in_x_dtype":
+        weight = weight.to(dtype)
+    if variant == "no_table":
+        table, index = None, None
+    if variant == "eps_large":
+        eps = 0.5
+    if table is not None:
+        robust_conditions(x if residual is None else (x.float() + residual.float()).to(dtype), table)
+    check_add_steer_rmsnorm(backend, x, residual, weight, eps, table, index, offset,
+                            f"add_steer_rmsnorm[{backend}] {variant} {dtype}")
+
+
+# ------------------------------------------------------------------ sparse_linear
+
+SPARSE_MODES = ["teal_threshold", "wina_threshold", "teal_topk", "wina_topk"]
+
+
+def make_weight(gen, n_in, n_out, wdtype, mode, bias=True):
+    W = torch.randn(n_out, n_in, generator=gen) / math.sqrt(max(n_in, 1))
+    W = W * (torch.rand(n_in, generator=gen) * 2 + 0.25)  # unequal column norms, so WINA differs from TEAL
+    b = torch.randn(n_out, generator=gen).to(wdtype) if bias else None
+    return SparseWeight.from_linear(W, b, mode=mode.split("_")[0], dtype=wdtype)
+
+
+def sparsity_for(mode, score, dtype):
+    """(threshold, topk) for the mode, placed where rounding cannot move decisions."""
+    if mode.endswith("threshold"):
+        return robust_threshold(score), None
+    return 0.0, best_topk(score, dtype)
+
+
+def check_sparse_linear(backend, x, sw, threshold, topk, what):
+    y = steerkern.sparse_linear(x, sw, threshold=threshold, topk=topk, backend=backend)
+    assert y.shape == (*x.shape[:-1], sw.out_features) and y.dtype == x.dtype, what
+    x2 = _rows(x)
+    t, k = torch.tensor(threshold, dtype=torch.float32), -1 if topk is None else topk
+    mask = R.sparse_mask(x2, sw.scale, t, k)
+    check_output(y, lambda acc: R.sparse_linear(x2, sw.weight_t, sw.bias, sw.scale, t, k, acc=acc),
+                 lambda golden: sparse_scale(x2, sw.weight_t, sw.bias, mask), what)
+
+
+@dtypes
+@weight_dtypes
+@pytest.mark.parametrize("mode", SPARSE_MODES)
+def test_sparse_linear_matches_reference_for_each_dtype_pair(backend, gen, dtype, wdtype, mode):
+    n_in, n_out = 37, 19
+    sw = make_weight(gen, n_in, n_out, wdtype, mode)
+    x = torch.randn(3, n_in, generator=gen).to(dtype)
+    threshold, topk = sparsity_for(mode, score_of(x, sw.scale), dtype)
+    check_sparse_linear(backend, x, sw, threshold, topk, f"sparse_linear[{backend}] {mode} x {dtype} w {wdtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["wina_threshold", "teal_topk"])
+@pytest.mark.parametrize("lead, n_in, n_out", SPARSE_SHAPES)
+def test_sparse_linear_matches_reference_across_shapes(backend, gen, dtype, mode, lead, n_in, n_out):
+    lead, n_in, n_out = fit_shape(backend, lead, n_in, n_out)
+    sw = make_weight(gen, n_in, n_out, dtype, mode)
+    x = torch.randn(*lead, n_in, generator=gen).to(dtype)
+    threshold, topk = sparsity_for(mode, score_of(_rows(x), sw.scale), dtype)
+    check_sparse_linear(backend, x, sw, threshold, topk,
+                        f"sparse_linear[{backend}] {mode} {dtype} {lead}x{n_in}->{n_out}")
+
+
+def _x_with(case, gen, n_in):
+    x = torch.randn(4, n_in, generator=gen)
+    if case == "zeros_in_x":
+        x[:, ::3] = 0.0
+    if case == "nan_in_threshold_mode":
+        x[1, 4] = float("nan")
+    if case == "nan_ranks_first_in_topk":
+        x[2, 7] = float("nan")
+    if case == "topk_ties_lower_index_wins":
+        x = torch.round(x * 2) / 2  # many equal magnitudes
+    return x
+
+
+EDGE_CASES = {
+    # case: (threshold, topk, bias)
+    "threshold0_is_dense": (0.0, None, True),
+    "zeros_in_x": (0.0, None, True),
+    "topk_all_is_dense": (0.0, "all", True),
+    "topk0_gives_bias_only": (0.0, 0, True),
+    "huge_threshold_gives_bias_only": (1e30, None, True),
+    "full_sparsity_without_bias_is_zero": (1e30, None, False),
+    "no_bias": (0.5, None, False),
+    "nan_in_threshold_mode": (0.5, None, True),
+    "nan_ranks_first_in_topk": (0.0, 3, True),
+    "topk_ties_lower_index_wins": (0.0, 5, True),
+}
+
+
+@dtypes
+@pytest.mark.parametrize("mode", ["teal", "wina"])
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_sparse_linear_edge_cases(backend, gen, dtype, mode, case):
+    n_in, n_out = 16, 6
+    threshold, topk, bias = EDGE_CASES[case]
+    topk = n_in if topk == "all" else topk
+    sw = make_weight(gen, n_in, n_out, torch.float32, mode, bias=bias)
+    x = _x_with(case, gen, n_in).to(dtype)
+    check_sparse_linear(backend, x, sw, threshold, topk, f"sparse_linear[{backend}] {case} {mode} {dtype}")
+
+
+def test_sparse_linear_rows_get_their_own_topk_masks(backend, gen):
+    n_in = 12
+    sw = make_weight(gen, n_in, 5, torch.float32, "teal")
+    x = torch.full((3, n_in), 0.01)
+    x[0, 1], x[1, 6], x[2, 11] = 5.0, -4.0, 3.0
+    y = steerkern.sparse_linear(x, sw, topk=1, backend=backend)
+    for r, i in enumerate((1, 6, 11)):
+        expected = x[r, i].double() * sw.weight_t[i].double() + sw.bias.double()
+        torch.testing.assert_close(y[r].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ steer_sparse_linear
+
+
+def check_steer_sparse_linear(backend, h, table, index, sw, mode, what):
+    h2, idx = _rows(h), _flat(index)
+    tensors = table.tensors() if table is not None else (None,) * len(SteerTable.tensor_names())
+    steered = R.steer(h2, idx, *tensors, acc=torch.float64)
+    score = score_of(steered, sw.scale)
+    threshold, topk = sparsity_for(mode, score, h.dtype)
+    k = -1 if topk is None else topk
+    keep = (stable_threshold_rows(score, threshold, h.dtype) if topk is None
+            else stable_topk_rows(score, k, h.dtype))
+    assert h2.shape[0] == 0 or bool(keep.any()), f"{what}: every row's decisions are fragile; change the seed"
+    y = steerkern.steer_sparse_linear(h, table, sw, index, threshold=threshold, topk=topk, backend=backend)
+    assert y.shape == (*h.shape[:-1], sw.out_features) and y.dtype == h.dtype, what
+    t = torch.tensor(threshold, dtype=torch.float32)
+    mask = R.sparse_mask(steered, sw.scale, t, k)
+    s_scale = (steer_scale(h2, table, idx) if table is not None
+               else h2.double().abs().amax(dim=1, keepdim=True))
+
+    def ref(acc):
+        return R.steer_sparse_linear(h2, idx, *tensors, sw.weight_t, sw.bias, sw.scale, t, k, acc=acc)
+
+    check_output(y, ref, lambda golden: sparse_scale(steered, sw.weight_t, sw.bias, mask, x_scale=s_scale),
+                 what, keep_rows=keep)
+
+
+@dtypes
+@weight_dtypes
+@pytest.mark.parametrize("mode", ["wina_threshold", "teal_topk"])
+def test_steer_sparse_linear_matches_reference_for_each_dtype_pair(backend, gen, dtype, wdtype, mode):
+    d, n_out = 29, 11
+    table = make_table(d, gen, K=3)
+    sw = make_weight(gen, d, n_out, wdtype, mode)
+    h = torch.randn(4, d, generator=gen).to(dtype)
+    robust_conditions(h, table)
+    check_steer_sparse_linear(backend, h, table, cycling_index((4,), 3, gen), sw, mode,
+                              f"steer_sparse_linear[{backend}] {mode} h {dtype} w {wdtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lead, d, n_out", SPARSE_SHAPES)
+def test_steer_sparse_linear_matches_reference_across_shapes(backend, gen, dtype, lead, d, n_out):
+    lead, d, n_out = fit_shape(backend, lead, d, n_out)
+    table = make_table(d, gen, K=2)
+    sw = make_weight(gen, d, n_out, dtype, "wina_threshold")
+    h = torch.randn(*lead, d, generator=gen).to(dtype)
+    robust_conditions(h, table)
+    check_steer_sparse_linear(backend, h, table, cycling_index(lead, 2, gen), sw, "wina_threshold",
+                              f"steer_sparse_linear[{backend}] {dtype} {lead}x{d}->{n_out}")
+
+
+@pytest.mark.parametrize("variant", ["index_none", "no_table", "no_bias_topk"])
+def test_steer_sparse_linear_variants(backend, gen, variant):
+    d = 20
+    table = make_table(d, gen, K=2)
+    sw = make_weight(gen, d, 7, torch.float32, "wina_topk" if variant == "no_bias_topk" else "wina_threshold",
+                     bias=variant != "no_bias_topk")
+    h = torch.randn(3, d, generator=gen)
+    robust_conditions(h, table)
+    index = cycling_index((3,), 2, gen)
+    if variant == "index_none":
+        index = None
+    if variant == "no_table":
+        table, index = None, None
+    mode = "wina_topk" if variant == "no_bias_topk" else "wina_threshold"
+    check_steer_sparse_linear(backend, h, table, index, sw, mode, f"steer_sparse_linear[{backend}] {variant}")
+
+
+@pytest.mark.parametrize("sparsity", [{"threshold": 1e30}, {"topk": 0}], ids=["huge_threshold", "topk0"])
+def test_steer_sparse_linear_at_full_sparsity_gives_the_bias_only(backend, gen, sparsity):
+    d = 9
+    table = make_table(d, gen, K=1)
+    sw = make_weight(gen, d, 4, torch.float32, "wina")
+    h = torch.randn(2, d, generator=gen)
+    y = steerkern.steer_sparse_linear(h, table, sw, **sparsity, backend=backend)
+    assert torch.equal(y, sw.bias.expand(2, 4))

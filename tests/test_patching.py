@@ -1,0 +1,367 @@
+"""Patching a model: empty plans, steering against a forward-hook reference,
+sparsity against the masked dense reference, and unpatching.
+
+Tolerances
+----------
+* An empty plan runs the original modules in the original order: bit-exact.
+* Steered fp32: the fused ops (C++ or reference backend) compute in fp32 like
+  the hook reference, but sum in another order, and the fused RMSNorm
+  multiplies ``r * rstd * w`` where HF Llama rounds ``r * rstd`` to the input
+  dtype first (a no-op in fp32): logits agree to ~1e-5; we allow 1e-4.
+* Steered bf16: the fused RMSNorm rounds once where HF's Llama RMSNorm rounds
+  twice, so results differ by bf16 rounding (2^-8 relative) that the layers
+  then propagate.  The rule (flash-attention's): our bf16 error against the
+  fp32 reference is at most twice the bf16 hook reference's own error, plus a
+  floor of one bf16 ulp of the logits' scale.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import steerkern
+from steerkern import Intervention, SparsityPlan, SteerEntry, SteeringPlan
+from steerkern.patching import registry
+
+import models as M
+
+torch.set_grad_enabled(False)
+
+
+def out_of(model, family, ids, **kw):
+    out = model(ids, **kw)
+    return out.last_hidden_state if family == "bert" else out.logits
+
+
+def mixed_plan(family: str, seed: int = 0) -> SteeringPlan:
+    """Addition with per-layer coefficients at 'pre', ablation at 'post_attn',
+    a clamp at 'post_mlp', all with non-trivial values."""
+    g = torch.Generator().manual_seed(seed)
+    d = M.HIDDEN
+    q = steerkern.orthonormalize(torch.randn(2, d, generator=g))
+    ivs = [
+        Intervention(SteerEntry(vector=torch.randn(d, generator=g), alpha=0.7), "pre",
+                     layers=[0, 1, 2], coefficients=[1.0, -0.5, 2.0]),
+        Intervention(SteerEntry(directions=q), "post_attn", layers=[0, 2]),
+        Intervention(SteerEntry(directions=q[:1], target=[1.5], gain=0.8), "post_mlp", layers=[1]),
+    ]
+    if family == "gpt_neox":  # parallel residual: no post-attention stream
+        ivs = [iv for iv in ivs if iv.site != "post_attn"]
+    return SteeringPlan(ivs)
+
+
+def reference(model, family, plan, ids, **kw):
+    hs = M.hook_reference(model, family, plan)
+    try:
+        return out_of(model, family, ids, **kw)
+    finally:
+        for h in hs:
+            h.remove()
+
+
+# ---- empty plan ------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(M.SPECS))
+def test_empty_plan_is_bit_exact(family):
+    model = M.build(family)
+    ids = M.input_ids()
+    want = out_of(model, family, ids)
+    with steerkern.patch(model, SteeringPlan()):
+        got = out_of(model, family, ids)
+    assert torch.equal(got, want)
+
+
+# ---- steering ----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", list(M.SPECS))
+def test_steered_fp32_matches_hook_reference(family):
+    model = M.build(family)
+    plan = mixed_plan(family)
+    ids = M.input_ids()
+    want = reference(model, family, plan, ids)
+    unsteered = out_of(model, family, ids)
+    with steerkern.patch(model, plan):
+        got = out_of(model, family, ids)
+    assert (want - unsteered).abs().max() > 1e-2, "the plan must change the output"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(M.SPECS))
+def test_steered_bf16_within_twice_bf16_reference_error(family):
+    plan = mixed_plan(family)
+    ids = M.input_ids()
+    ref32 = reference(M.build(family), family, plan, ids).float()
+    model = M.build(family, torch.bfloat16)
+    ref16 = reference(model, family, plan, ids).float()
+    with steerkern.patch(model, plan):
+        got = out_of(model, family, ids).float()
+    own = (ref16 - ref32).abs().max()
+    ulp = ref32.abs().max() * 2.0 ** -8
+    assert (got - ref32).abs().max() <= 2 * own + ulp
+
+
+def test_minilm_real_weights_steering_matches_hook_reference():
+    model, tok = M.load_minilm()
+    batch = tok(["the cat sat on the mat", "a completely different sentence here"], return_tensors="pt",
+                padding=True)
+    g = torch.Generator().manual_seed(3)
+    q = steerkern.orthonormalize(torch.randn(2, 384, generator=g))
+    plan = SteeringPlan([
+        Intervention(SteerEntry(vector=torch.randn(384, generator=g), alpha=0.3), "pre", [0, 3]),
+        Intervention(SteerEntry(directions=q), "post_attn", [1, 4]),
+        Intervention(SteerEntry(directions=q[:1], target=[2.0]), "post_mlp", [2]),
+    ])
+    want_plain = model(**batch).last_hidden_state
+    with steerkern.patch(model, SteeringPlan()):
+        assert torch.equal(model(**batch).last_hidden_state, want_plain)
+    want = reference(model, "bert", plan, batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"])
+    with steerkern.patch(model, plan):
+        got = model(**batch).last_hidden_state
+    assert (want - want_plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_interventions_at_one_site_apply_in_order():
+    model = M.build("llama")
+    d = M.HIDDEN
+    v = torch.randn(d)
+    q = steerkern.orthonormalize(v[None])
+    # add v, then ablate it: the order matters
+    plan = SteeringPlan([Intervention(SteerEntry(vector=v, alpha=3.0), "post_attn", [1]),
+                         Intervention(SteerEntry(directions=q), "post_attn", [1])])
+    ids = M.input_ids()
+    want = reference(model, "llama", plan, ids)
+    with steerkern.patch(model, plan):
+        got = out_of(model, "llama", ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_per_layer_vectors():
+    model = M.build("qwen2")
+    vecs = torch.randn(M.LAYERS, M.HIDDEN)
+    plan = SteeringPlan.add(vecs, 0.5, site="post_mlp")
+    ids = M.input_ids()
+    want = reference(model, "qwen2", plan, ids)
+    with steerkern.patch(model, plan):
+        torch.testing.assert_close(out_of(model, "qwen2", ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_alpha_and_vector_change_by_tensor_write():
+    model = M.build("llama")
+    v, w = torch.randn(M.HIDDEN), torch.randn(M.HIDDEN)
+    ids = M.input_ids()
+    handle = steerkern.patch(model, SteeringPlan.add(v, 1.0, layers=[1], coefficients=[0.5]))
+    handle.set_alpha(-2.0)
+    got_alpha = out_of(model, "llama", ids)
+    handle.set_vector(w)
+    got_vec = out_of(model, "llama", ids)
+    handle.remove()
+    want_alpha = reference(model, "llama", SteeringPlan.add(v, -2.0, layers=[1], coefficients=[0.5]), ids)
+    want_vec = reference(model, "llama", SteeringPlan.add(w, -2.0, layers=[1], coefficients=[0.5]), ids)
+    torch.testing.assert_close(got_alpha, want_alpha, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_vec, want_vec, atol=1e-4, rtol=1e-4)
+
+
+def test_repatching_replaces_the_plan_and_is_idempotent():
+    model = M.build("mistral")
+    ids = M.input_ids()
+    a, b = SteeringPlan.add(torch.randn(M.HIDDEN), 1.0), SteeringPlan.add(torch.randn(M.HIDDEN), 1.0)
+    steerkern.patch(model, a)
+    steerkern.patch(model, a)
+    got_a = out_of(model, "mistral", ids)
+    steerkern.patch(model, b)
+    got_b = out_of(model, "mistral", ids)
+    assert sum(1 for m in model.modules() if type(m).__name__ == "LayerSteering") == M.LAYERS
+    steerkern.unpatch(model)
+    torch.testing.assert_close(got_a, reference(model, "mistral", a, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_b, reference(model, "mistral", b, ids), atol=1e-4, rtol=1e-4)
+
+
+# ---- sparsity ----------------------------------------------------------------
+
+def median_thresholds(model, family, ids, mode="wina", jitter=False):
+    """Per-(layer, projection) thresholds at the median score of a forward.
+
+    With ``jitter`` each part of a fused projection gets its own threshold,
+    which exercises the per-part split."""
+    fam = registry.family_for(model)
+    paths = fam.projection_paths()
+    layers = M._layers(model)
+    seen = {}
+    hs = []
+    for i, layer in enumerate(layers):
+        for name, path in paths.items():
+            mod = layer
+            for p in path.split("."):
+                mod = getattr(mod, p)
+            hs.append(mod.register_forward_pre_hook(
+                lambda m, a, key=(i, path): seen.__setitem__(key, (m, a[0].detach()))))
+    out_of(model, family, ids)
+    for h in hs:
+        h.remove()
+    thresholds = {}
+    for i in range(len(layers)):
+        for name, path in paths.items():
+            m, x = seen[(i, path)]
+            W = (m.weight.T if type(m).__name__ == "Conv1D" else m.weight).float()
+            score = x.float().abs() * (W.norm(dim=0) if mode == "wina" else 1.0)
+            t = float(score.median())
+            thresholds.setdefault(i, {})[name] = t * (1.0 + 0.1 * list(paths).index(name) if jitter else 1.0)
+    return thresholds
+
+
+def splits_for(model, family, plan: SparsityPlan):
+    """The reference's view of the plan: per module, its output blocks."""
+    fam = registry.family_for(model)
+    out = {}
+    for i in range(len(M._layers(model))):
+        for path, names in fam.projections:
+            mod = M._layers(model)[i]
+            for p in path.split("."):
+                mod = getattr(mod, p)
+            width = mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.weight.shape[0]
+            ts = [plan.threshold(i, n) for n in names]
+            cfg = model.config
+            if family == "phi3" and len(names) == 3:
+                hd = cfg.hidden_size // cfg.num_attention_heads
+                widths = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
+            elif family == "phi3":
+                widths = [cfg.intermediate_size] * 2
+            elif family == "gpt2" and len(names) == 3:
+                widths = [cfg.n_embd] * 3
+            else:
+                widths, ts = [width], ts[:1]
+            out[(i, path)] = [(w, t, plan.mode) for w, t in zip(widths, ts)]
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt2", "gpt_neox", "bert"])
+def test_sparse_prefill_and_decode_match_masked_dense_reference(family):
+    model = M.build(family)
+    ids = M.input_ids(1, 6)
+    jitter = family in ("phi3", "gpt2")
+    plan = SparsityPlan(median_thresholds(model, family, ids, jitter=jitter), mode="wina")
+    dense = out_of(model, family, ids)
+    hs = M.sparse_reference(model, family, splits_for(model, family, plan))
+    want = out_of(model, family, ids)
+    # decode path: one token at a time, through the KV cache where the model has one
+    want_last = want[:, -1]
+    for h in hs:
+        h.remove()
+    with steerkern.patch(model, sparsity=plan) as handle:
+        assert handle.memory["prepared_bytes"] > 0
+        got = out_of(model, family, ids)
+        if family != "bert":
+            first = model(ids[:, :-1], use_cache=True)
+            step = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+    assert (want - dense).abs().max() > 1e-3, "the thresholds must drop inputs"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if family != "bert":
+        # the decode step ran the sparse kernel on one token; its cache came from the masked prefill
+        torch.testing.assert_close(step, want_last, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_teal_mode_and_dense_prefill():
+    model = M.build("qwen3")
+    ids = M.input_ids(1, 5)
+    plan = SparsityPlan(median_thresholds(model, "qwen3", ids, mode="teal"), mode="teal", prefill="dense")
+    dense = out_of(model, "qwen3", ids)
+    with steerkern.patch(model, sparsity=plan):
+        got = out_of(model, "qwen3", ids)  # prefill: no mask
+    assert torch.equal(got, dense)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def test_threshold_zero_equals_dense(family):
+    model = M.build(family)
+    ids = M.input_ids(1, 6)
+    want = out_of(model, family, ids)
+    first = model(ids[:, :-1], use_cache=True)
+    want_step = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits
+    with steerkern.patch(model, sparsity=SparsityPlan.uniform(0.0, M.LAYERS)):
+        got = out_of(model, family, ids)
+        first = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, want_step, atol=1e-5, rtol=1e-5)
+
+
+def test_minilm_real_weights_sparse_matches_masked_reference():
+    model, tok = M.load_minilm()
+    batch = tok(["sparse activations on real weights"], return_tensors="pt")
+    plan = SparsityPlan(median_thresholds(model, "bert", batch["input_ids"]), mode="wina")
+    hs = M.sparse_reference(model, "bert", splits_for(model, "bert", plan))
+    want = model(**batch).last_hidden_state
+    for h in hs:
+        h.remove()
+    with steerkern.patch(model, sparsity=plan):
+        got = model(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_threshold_changes_by_tensor_write():
+    model = M.build("llama")
+    ids = M.input_ids(1, 4)
+    want = out_of(model, "llama", ids)
+    with steerkern.patch(model, sparsity=SparsityPlan.uniform(1e6, M.LAYERS)) as handle:
+        assert not torch.allclose(out_of(model, "llama", ids), want, atol=1e-3)
+        for layer in range(M.LAYERS):
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                handle.set_threshold(0.0, layer, p)
+        torch.testing.assert_close(out_of(model, "llama", ids), want, atol=1e-5, rtol=1e-5)
+
+
+# ---- unpatching ----------------------------------------------------------------
+
+@pytest.mark.parametrize("drop_dense", [False, True])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2", "bert"])
+def test_unpatch_restores_outputs_weights_forward_and_frees_layouts(family, drop_dense):
+    model = M.build(family)
+    ids = M.input_ids()
+    want = out_of(model, family, ids)
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    plan = mixed_plan(family)
+    handle = steerkern.patch(model, plan, SparsityPlan.uniform(0.01, M.LAYERS), drop_dense=drop_dense)
+    if drop_dense:
+        assert handle.memory["dropped_bytes"] > 0
+    layouts = [weakref.ref(p.weight_t) for s in handle.sparse_modules() for p in s.parts
+               if p.weight_t.untyped_storage().data_ptr() not in
+               {q.untyped_storage().data_ptr() for q, _ in params.values()}]
+    assert layouts
+    out_of(model, family, ids)
+    steerkern.unpatch(model)
+    del handle
+    gc.collect()
+    assert all(r() is None for r in layouts), "the prepared W^T copies must be freed"
+    assert dict(model.named_modules()) == modules
+    for n, p in model.named_parameters():
+        orig, value = params[n]
+        assert p is orig and torch.equal(p, value), n
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(out_of(model, family, ids), want)
+
+
+def test_state_dict_keys_unchanged_while_patched():
+    model = M.build("llama")
+    keys = list(model.state_dict())
+    with steerkern.patch(model, mixed_plan("llama"), SparsityPlan.uniform(0.01, M.LAYERS)):
+        assert list(model.state_dict()) == keys
+
+
+def test_class_level_apply_patches_models_built_afterwards():
+    from steerkern.patching import apply_steerkern_to_llama
+
+    plan = SteeringPlan.add(torch.randn(M.HIDDEN), 1.0)
+    ids = M.input_ids()
+    with apply_steerkern_to_llama(steering=plan):
+        model = M.build("llama")
+        got = out_of(model, "llama", ids)
+        assert steerkern.patching.handle_of(model) is not None
+    steerkern.unpatch(model)
+    assert not hasattr(type(model).forward, "__steerkern_original__")
+    torch.testing.assert_close(got, reference(model, "llama", plan, ids), atol=1e-4, rtol=1e-4)
