@@ -147,6 +147,7 @@ def main(argv=None):
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (CPU runs)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per timed run")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/decode_<device>.json)")
     args = p.parse_args(argv)
 
@@ -164,12 +165,13 @@ def main(argv=None):
         bad = [d for d in dtypes if d not in DTYPES]
         if bad:
             raise SystemExit(f"--dtypes: unknown {bad}; choose from {list(DTYPES)}")
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
     tokens = args.tokens or (16 if args.quick else 32)
     results = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__, "steerkern": steerkern.__version__,
         "backends": steerkern.backend_report(), "new_tokens": tokens, "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
         "runs": {},
     }
     import transformers

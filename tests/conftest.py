@@ -282,27 +282,84 @@ def assert_within_torch_error(actual: torch.Tensor, golden: torch.Tensor, torch_
             f"first: got {float(a[i])!r}, expected {float(g[i])!r}")
 
 
-def check_output(actual: torch.Tensor, reference: Callable[[torch.dtype], torch.Tensor], scale: Callable,
-                 what: str, keep_rows: Optional[torch.Tensor] = None) -> None:
+def check_output(actual: torch.Tensor, exact: torch.Tensor, torch_lowp: Callable[[], torch.Tensor],
+                 scale: Callable[[], torch.Tensor], what: str, keep_rows: Optional[torch.Tensor] = None) -> None:
     """Compare one output with the reference by the rule of its dtype.
 
-    ``reference(acc)`` computes the reference output with accumulation in
-    ``acc``; ``scale(golden)`` gives the fp32 tolerance scale; ``keep_rows``
-    (bool per row) leaves out rows whose decisions are fragile."""
+    ``exact`` is the reference computed in fp64 and not rounded at the end
+    (what a kernel's single final rounding should land next to);
+    ``torch_lowp()`` is the reference computed in ``actual.dtype``;
+    ``scale()`` gives the fp32 tolerance scale; ``keep_rows`` (bool per row)
+    leaves out rows whose decisions are fragile."""
     dtype = actual.dtype
-    golden = reference(torch.float64)
-    assert golden.dtype == dtype, f"{what}: dtype {dtype}, reference gives {golden.dtype}"
-    a, g = _as_rows(actual), _as_rows(golden)
+    a, g = _as_rows(actual), _as_rows(exact)
     if dtype == torch.float32:
-        s = scale(golden).expand_as(g)
+        s = scale().expand_as(g)
         if keep_rows is not None:
             a, g, s = a[keep_rows], g[keep_rows], s[keep_rows]
         assert_close_scaled(a, g, s, what)
     else:
-        t = _as_rows(reference(dtype))
+        t = _as_rows(torch_lowp())
         if keep_rows is not None:
             a, g, t = a[keep_rows], g[keep_rows], t[keep_rows]
         assert_within_torch_error(a, g, t, what)
+
+
+# --------------------------------------------------------------------------- op oracles
+# Each takes the op's outputs and its 2-D row inputs (index flattened int32 or
+# None, table as a SteerTable or None).  The fp64 golden is the reference fed
+# fp64 rows, so that it skips the final rounding; decisions are the same, as
+# the reference takes them from the fp32 view of the input.
+
+
+def _table_tensors(table: Optional[SteerTable]) -> tuple:
+    return (None,) * len(SteerTable.tensor_names()) if table is None else table.tensors()
+
+
+def check_steer(out, h2, table, idx, what):
+    assert out.shape == h2.shape and out.dtype == h2.dtype, f"{what}: got {out.dtype} {tuple(out.shape)}"
+    t = _table_tensors(table)
+    check_output(out, R.steer(h2.double(), idx, *t, acc=torch.float64),
+                 lambda: R.steer(h2, idx, *t, acc=h2.dtype), lambda: steer_scale(h2, table, idx), what)
+
+
+def check_add_steer_rmsnorm(r, y, x2, res2, weight, eps, weight_offset, table, idx, what):
+    for name, o in (("r", r), ("y", y)):
+        assert o.shape == x2.shape and o.dtype == x2.dtype, f"{what}: {name} is {o.dtype} {tuple(o.shape)}"
+    t = _table_tensors(table)
+    summed = x2 if res2 is None else (x2.float() + res2.float()).to(x2.dtype)  # the spec rounds the sum
+    r_round = R.steer(summed, idx, *t, acc=torch.float64)  # the r that y is taken from, per the spec
+    r_scale = (steer_scale(summed, table, idx) if table is not None
+               else summed.double().norm(dim=1, keepdim=True))
+
+    def lowp(i):
+        return lambda: R.add_steer_rmsnorm(x2, res2, weight, eps, weight_offset, idx, *t, acc=x2.dtype)[i]
+
+    check_output(r, R.steer(summed.double(), idx, *t, acc=torch.float64), lowp(0), lambda: r_scale, f"{what}: r")
+    check_output(y, R.rms_norm(r_round.double(), weight, eps, weight_offset, acc=torch.float64), lowp(1),
+                 lambda: rmsnorm_scale(r_scale, r_round, weight, eps, weight_offset), f"{what}: y")
+
+
+def check_sparse_linear(y, x2, sw, threshold: torch.Tensor, topk: int, what):
+    assert y.shape == (x2.shape[0], sw.out_features) and y.dtype == x2.dtype, f"{what}: got {y.dtype} {tuple(y.shape)}"
+    mask = R.sparse_mask(x2, sw.scale, threshold, topk)
+    args = (sw.weight_t, sw.bias, sw.scale, threshold, topk)
+    check_output(y, R.sparse_linear(x2.double(), *args, acc=torch.float64),
+                 lambda: R.sparse_linear(x2, *args, acc=x2.dtype),
+                 lambda: sparse_scale(x2, sw.weight_t, sw.bias, mask), what)
+
+
+def check_steer_sparse_linear(y, h2, table, idx, sw, threshold: torch.Tensor, topk: int, what, keep_rows=None):
+    assert y.shape == (h2.shape[0], sw.out_features) and y.dtype == h2.dtype, f"{what}: got {y.dtype} {tuple(y.shape)}"
+    t = _table_tensors(table)
+    steered = R.steer(h2, idx, *t, acc=torch.float64)  # rounded to h's dtype, as the spec says
+    mask = R.sparse_mask(steered, sw.scale, threshold, topk)
+    args = (sw.weight_t, sw.bias, sw.scale, threshold, topk)
+    s_scale = (steer_scale(h2, table, idx) if table is not None
+               else h2.double().abs().amax(dim=1, keepdim=True))
+    check_output(y, R.sparse_linear(steered.double(), *args, acc=torch.float64),
+                 lambda: R.steer_sparse_linear(h2, idx, *t, *args, acc=h2.dtype),
+                 lambda: sparse_scale(steered, sw.weight_t, sw.bias, mask, x_scale=s_scale), what, keep_rows)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

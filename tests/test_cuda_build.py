@@ -72,3 +72,58 @@ def test_there_are_cuda_sources():
 def test_source_compiles_for_sm80_and_sm90(compiled, source):
     code, log = compiled[source]
     assert code == 0, f"nvcc failed on {source}:\n{log[-4000:]}"
+
+
+# ------------------------------------------------------------------ Triton, ahead of time
+
+# representative specializations: (kernel, pointer/scalar types, constexprs, num_warps)
+_STEER_FLAGS = dict(HAS_RES=True, WRITE_NORM=True, HAS_INDEX=True, HAS_BASIS=True, HAS_VEC=True,
+                    HAS_SCALE=True, HAS_SHIFT=True, HAS_COND=True, HAS_PRESERVE=True)
+
+
+def _steer_types(dtype):
+    types = {name: "*fp32" for name in ("BASIS", "TARGET", "GAIN", "VEC", "ALPHA", "SCALE", "SHIFT", "COND",
+                                        "COND_THR")}
+    types.update({name: f"*{dtype}" for name in ("X", "RES", "R_OUT", "Y_OUT")})
+    types.update(NORM_W="*bf16", INDEX="*i32", PRESERVE="*u8", d="i32", k="i32", K="i32", eps="fp32",
+                 w_offset="fp32")
+    return types
+
+
+def _gemv_types(x_dtype, w_dtype):
+    return {"X": f"*{x_dtype}", "MASK": "*u8", "WT": f"*{w_dtype}", "SCALE": "*fp32", "THRESHOLD": "*fp32",
+            "WS": "*fp32", "rows": "i32", "n_in": "i32", "n_out": "i32", "rows_per_split": "i32"}
+
+
+TRITON_VARIANTS = {
+    "steer_fused_bf16_one_block": ("steer", _steer_types("bf16"),
+                                   dict(_STEER_FLAGS, BLOCK_D=4096, BLOCK_K=4, ONE_BLOCK=True), 16),
+    "steer_fp32_long_rows": ("steer", _steer_types("fp32"),
+                             dict(_STEER_FLAGS, WRITE_NORM=False, HAS_RES=False, BLOCK_D=4096, BLOCK_K=1,
+                                  ONE_BLOCK=False), 16),
+    "gemv_bf16_batch1_threshold": ("gemv", _gemv_types("bf16", "bf16"),
+                                   dict(HAS_MASK=False, HAS_SCALE=True, BLOCK_B=1, BLOCK_K=32, BLOCK_N=128), 4),
+    "gemv_fp32_x_fp16_w_batch8_topk": ("gemv", _gemv_types("fp32", "fp16"),
+                                       dict(HAS_MASK=True, HAS_SCALE=False, BLOCK_B=8, BLOCK_K=4, BLOCK_N=128), 4),
+}
+
+
+@pytest.mark.parametrize("arch", cuda_archs())
+@pytest.mark.parametrize("variant", list(TRITON_VARIANTS))
+def test_triton_kernels_compile_for_sm80_and_sm90(variant, arch):
+    """Triton compiles for a named GPU target without a GPU (its own ptxas)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from steerkern.kernels.triton import sparse_gemv, steer
+
+    which, types, constexprs, num_warps = TRITON_VARIANTS[variant]
+    fn = steer._steer_rows_kernel if which == "steer" else sparse_gemv._sparse_gemv_kernel
+    if not hasattr(fn, "arg_names") or type(fn).__name__ == "InterpretedFunction":
+        pytest.skip("kernels were decorated for the interpreter (TRITON_INTERPRET=1)")
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in fn.arg_names}
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", int(arch), 32), options={"num_warps": num_warps})
+    assert kernel.asm["cubin"], f"{variant}: no cubin for sm_{arch}"

@@ -376,19 +376,27 @@ void scores_t(const void* x, const float* scale, int64_t n, float* xf, float* sc
 }
 
 // acc[b, :n] += sum_g coef[b, j+g] * Wt[idx[j+g], t0:t0+n] for G active rows.
-template <int B, int G, DType WT>
-inline void rows_pass(const SparseJob& job, int64_t j, int64_t t0, int64_t n, float* acc, int64_t tc) {
+template <int B, int G, DType WT, bool PF>
+inline void rows_pass(const SparseJob& job, int64_t j, int64_t t0, int64_t n, float* acc, int64_t tc, int64_t jn) {
   const char* w[G];
+  const char* wn[G];
   float c[B][G];
   const int64_t es = dtype_size(WT);
   for (int g = 0; g < G; ++g) {
     w[g] = static_cast<const char*>(job.wt) + (int64_t(job.idx[j + g]) * job.out + t0) * es;
+    const int64_t jj = std::min(jn + g, job.nact - 1);
+    wn[g] = static_cast<const char*>(job.wt) + (int64_t(job.idx[jj]) * job.out + t0) * es;
     for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * job.nact + j + g];
   }
   each(n, [&](auto o, int64_t i) {
     using O = decltype(o);
     typename O::T wv[G];
     for (int g = 0; g < G; ++g) wv[g] = O::template ld<WT>(w[g], i);
+#if SK_ISA > 0
+    if constexpr (PF && sizeof(typename O::T) > 4) {
+      for (int g = 0; g < G; ++g) _mm_prefetch(wn[g] + i * es, _MM_HINT_T0);
+    }
+#endif
     for (int b = 0; b < B; ++b) {
       auto a = O::load(acc + b * tc + i);
       for (int g = 0; g < G; ++g) a = O::fma(O::set(c[b][g]), wv[g], a);
@@ -407,13 +415,10 @@ void store_row(const float* acc, const float* bias, void* y, int64_t n) {
   });
 }
 
-constexpr int kRowsPerPass = 4;
-
-template <int B, DType WT>
-void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1) {
+template <int B, DType WT, int G, bool PF>
+void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1, int64_t tile_floats) {
   // column tile: B accumulator rows of tc floats, 16 KiB in all
-  constexpr int64_t kTileFloats = 4096;
-  const int64_t tc_max = (kTileFloats / B) / W * W;
+  const int64_t tc_max = (tile_floats / B) / W * W;
   const int64_t ncols = c1 - c0;
   if (ncols <= 0) return;
   const int64_t ntiles = (ncols + tc_max - 1) / tc_max;
@@ -424,8 +429,8 @@ void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1) {
     const int64_t n = std::min(tc, c1 - t0);
     std::memset(acc, 0, sizeof(float) * B * tc);
     int64_t j = 0;
-    for (; j + kRowsPerPass <= job.nact; j += kRowsPerPass) rows_pass<B, kRowsPerPass, WT>(job, j, t0, n, acc, tc);
-    for (; j < job.nact; ++j) rows_pass<B, 1, WT>(job, j, t0, n, acc, tc);
+    for (; j + G <= job.nact; j += G) rows_pass<B, G, WT, PF>(job, j, t0, n, acc, tc, j + G);
+    for (; j < job.nact; ++j) rows_pass<B, 1, WT, false>(job, j, t0, n, acc, tc, j + 1);
     const float* bias = job.bias ? job.bias + t0 : nullptr;
     for (int b = 0; b < B; ++b) {
       void* y = static_cast<char*>(job.y) + (b * job.out + t0) * ys;
@@ -435,6 +440,19 @@ void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1) {
         case DType::F16: store_row<DType::F16>(acc + b * tc, bias, y, n); break;
       }
     }
+  }
+}
+
+template <int B, DType WT>
+void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1) {
+  switch (g_variant) {
+    case 1: sparse_cols_t<B, WT, 4, true>(job, c0, c1, 4096); break;
+    case 2: sparse_cols_t<B, WT, 8, false>(job, c0, c1, 4096); break;
+    case 3: sparse_cols_t<B, WT, 8, true>(job, c0, c1, 4096); break;
+    case 4: sparse_cols_t<B, WT, 4, true>(job, c0, c1, 8192); break;
+    case 5: sparse_cols_t<B, WT, 2, true>(job, c0, c1, 4096); break;
+    case 6: sparse_cols_t<B, WT, 4, false>(job, c0, c1, 8192); break;
+    default: sparse_cols_t<B, WT, 4, false>(job, c0, c1, 4096); break;
   }
 }
 

@@ -17,9 +17,10 @@ namespace {
 
 // Above this many rows the masked dense matmul (cuBLAS) replaces the sparse
 // GEMV: the union of the rows' active inputs approaches the whole weight.
-// 8 is the largest batch the kernel is built for; bench/bench_ops_gpu.py
-// measures the real crossover.
-constexpr int64_t kDenseCrossover = 8;
+// The default 8 is the largest decode batch the kernel is tuned for;
+// bench/bench_ops_gpu.py measures the real crossover and can set it.
+constexpr int64_t kDefaultDenseCrossover = 8;
+int64_t g_dense_crossover = kDefaultDenseCrossover;
 
 using OptTensor = std::optional<at::Tensor>;
 
@@ -170,7 +171,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const 
   const c10::OptionalDeviceGuard guard(x.device());
   const int64_t rows = x.size(0);
   const int64_t n_out = weight_t.size(1);
-  if (rows > kDenseCrossover && weight_t.scalar_type() == x.scalar_type()) {
+  if (rows > g_dense_crossover && weight_t.scalar_type() == x.scalar_type()) {
     const at::Tensor xm = at::where(sparse_mask(x, scale, threshold, topk), x, at::zeros({}, x.options()));
     if (!bias.has_value()) return at::matmul(xm, weight_t);
     return at::addmm(bias->to(x.scalar_type()), xm, weight_t);
@@ -212,7 +213,10 @@ at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, cons
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "steerkern CUDA kernels (csrc/cuda)";
-  m.attr("dense_crossover") = steerkern_cuda::kDenseCrossover;
+  m.attr("DEFAULT_DENSE_CROSSOVER") = steerkern_cuda::kDefaultDenseCrossover;
+  m.def("dense_crossover", [] { return steerkern_cuda::g_dense_crossover; },
+        "rows above which sparse_linear runs the masked dense matmul");
+  m.def("set_dense_crossover", [](int64_t rows) { steerkern_cuda::g_dense_crossover = rows; });
   m.def("steer", &steerkern_cuda::steer);
   m.def("add_steer_rmsnorm", &steerkern_cuda::add_steer_rmsnorm);
   m.def("sparse_linear", &steerkern_cuda::sparse_linear);

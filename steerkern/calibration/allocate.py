@@ -75,18 +75,18 @@ def _greedy_block(collected: Collected, b: int, mode: str, target: float, step: 
     layer = collected.layers[b]
     calls = collected.block_calls[b]
     block_sites = [s for s in collected.sites if s[0] == b]
-    # a fused module (one weight for several names) is one unit with one level
-    units: Dict[int, List[Site]] = {}
+    # names of an unsplit fused module (one mask for several names) are one unit
+    units: Dict[tuple, List[Site]] = {}
     for s in block_sites:
-        units.setdefault(id(collected.sites[s].module), []).append(s)
+        units.setdefault(collected.sites[s].proj.key, []).append(s)
     unit_sites = list(units.values())
-    params = [collected.sites[u[0]].params for u in unit_sites]
+    params = [collected.sites[u[0]].proj.params for u in unit_sites]
     weight = [p / sum(params) for p in params]
     level = [0.0] * len(unit_sites)
     if target == 0.0 or not unit_sites:
         return {s: 0.0 for s in block_sites}
 
-    mod_sites = {s: collected.sites[s].module for s in block_sites}
+    projections = {s: collected.sites[s].proj for s in block_sites}
     scales = {s: collected.sites[s].col_scale(mode) for s in block_sites}
     thresholds: Dict[Site, float] = {}
 
@@ -98,7 +98,7 @@ def _greedy_block(collected: Collected, b: int, mode: str, target: float, step: 
 
     dense = [_output(layer(*c.args, **c.kwargs)).float() for c in calls]
     err = 0.0
-    with masked(mod_sites, thresholds, scales):
+    with masked(projections, thresholds, scales):
         last = None
         while sum(w * lv for w, lv in zip(weight, level)) < target - 1e-9:
             best = None

@@ -15,27 +15,37 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..patching.patch import _part_widths
 from ..patching.registry import _get, family_for
 from ..plan import SPARSITY_MODES, SparsityPlan
 from . import allocate
-from .collect import Collected, Site, collect, masked, realized_sparsity, _progress
+from .collect import Collected, Projection, Site, collect, masked, realized_sparsity, _progress
 from .data import batches as to_batches
 
 _MAX_THRESHOLD = 3.0e38  # fp32-finite "drop everything": only NaN scores lie above it
 
 
-def projection_sites(model: nn.Module) -> Tuple[Dict[Site, nn.Module], List[nn.Module]]:
-    """``({(layer, proj): module}, layers)`` from the family registry."""
+def projection_sites(model: nn.Module) -> Tuple[Dict[Site, Projection], List[nn.Module]]:
+    """``({(layer, proj): Projection}, layers)`` from the family registry.
+
+    A fused module that the patching layer splits into parts (Phi-3, GPT-2)
+    gives each name its own output rows, so each part has its own WINA column
+    norms and threshold, as in the patched model.
+    """
     fam = family_for(model, sparsity=True)
     layers = list(fam.find_layers(model)[2])
-    sites: Dict[Site, nn.Module] = {}
+    sites: Dict[Site, Projection] = {}
     for i, layer in enumerate(layers):
         for path, names in fam.projections:
             mod = _get(layer, path)
             if mod is None or getattr(mod, "weight", None) is None:
                 raise ValueError(f"model: layer {i} has no projection at {path!r} ({fam.name} family)")
-            for name in names:
-                sites[(i, name)] = mod
+            widths = _part_widths(fam, path, names, mod, model.config) if len(names) > 1 else None
+            start = 0
+            for j, name in enumerate(names):
+                rows = None if widths is None else (start, start + widths[j])
+                start = 0 if widths is None else start + widths[j]
+                sites[(i, name)] = Projection(mod, rows)
     return sites, layers
 
 
@@ -160,14 +170,13 @@ def plan_thresholds(plan: SparsityPlan) -> Dict[Site, float]:
     return {(layer, proj): t for layer, per in plan.thresholds.items() for proj, t in per.items()}
 
 
-def site_weights(sites: Dict[Site, nn.Module]) -> Dict[Site, float]:
-    """Each site's share of the weight bytes (a fused module's share split over its names)."""
-    from .collect import weight_out_in
-
-    names_per_module: Dict[int, int] = {}
-    for mod in sites.values():
-        names_per_module[id(mod)] = names_per_module.get(id(mod), 0) + 1
-    raw = {s: weight_out_in(m).numel() / names_per_module[id(m)] for s, m in sites.items()}
+def site_weights(sites: Dict[Site, Projection]) -> Dict[Site, float]:
+    """Each site's share of the weight bytes (names of an unsplit fused module
+    split its share)."""
+    sharing: Dict[tuple, int] = {}
+    for p in sites.values():
+        sharing[p.key] = sharing.get(p.key, 0) + 1
+    raw = {s: p.params / sharing[p.key] for s, p in sites.items()}
     total = sum(raw.values())
     return {s: w / total for s, w in raw.items()}
 
@@ -179,14 +188,7 @@ def measure(model: nn.Module, plan: SparsityPlan, windows: Tensor, *, steering=N
     Sparsity is applied everywhere while measuring (reference mask semantics),
     and ``steering`` too when given.
     """
-    from .collect import column_norms
-
-    sites, _ = projection_sites(model)
-    thresholds = plan_thresholds(plan)
-    missing = [s for s in thresholds if s not in sites]
-    if missing:
-        raise ValueError(f"plan: sites {missing[:3]} are not projections of this model")
-    scales = {s: column_norms(sites[s]) if plan.mode == "wina" else None for s in thresholds}
+    sites, thresholds, scales = _plan_sites(model, plan)
     with torch.no_grad(), steered(model, steering):
         return realized_sparsity(model, sites, thresholds, scales, to_batches(windows, batch_size),
                                  progress=progress)
@@ -204,9 +206,19 @@ def apply_plan(model: nn.Module, plan: SparsityPlan):
     Quality is measured this way: it is the exact math of the sparse ops on
     every token, prefill included.
     """
-    from .collect import column_norms
-
-    sites, _ = projection_sites(model)
-    thresholds = plan_thresholds(plan)
-    scales = {s: column_norms(sites[s]) if plan.mode == "wina" else None for s in thresholds}
+    sites, thresholds, scales = _plan_sites(model, plan)
     return masked({s: sites[s] for s in thresholds}, thresholds, scales)
+
+
+def _plan_sites(model: nn.Module, plan: SparsityPlan):
+    if not isinstance(plan, SparsityPlan):
+        raise ValueError(f"plan: expected a SparsityPlan, got {type(plan).__name__}")
+    sites, layers = projection_sites(model)
+    if plan.num_layers is not None and plan.num_layers != len(layers):
+        raise ValueError(f"plan: made for {plan.num_layers} layers, the model has {len(layers)}")
+    thresholds = plan_thresholds(plan)
+    missing = [s for s in thresholds if s not in sites]
+    if missing:
+        raise ValueError(f"plan: sites {missing[:3]} are not projections of this model")
+    scales = {s: sites[s].column_norms() if plan.mode == "wina" else None for s in thresholds}
+    return sites, thresholds, scales

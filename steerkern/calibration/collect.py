@@ -17,6 +17,7 @@ import inspect
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import reference
@@ -33,27 +34,48 @@ def weight_out_in(module: nn.Module) -> Tensor:
     return w
 
 
-def column_norms(module: nn.Module) -> Tensor:
-    """WINA's ``||W[:, i]||_2`` for each input ``i``, fp32."""
-    return weight_out_in(module).detach().float().norm(dim=0).contiguous()
+@dataclasses.dataclass(eq=False)
+class Projection:
+    """Where one canonical projection is computed: a module and, when a fused
+    module is split into parts (Phi-3's ``qkv_proj``), the output rows of its part.
+    Names of a fused module that is not split share ``rows=None`` and one mask."""
+
+    module: nn.Module
+    rows: Optional[Tuple[int, int]] = None
+
+    @property
+    def key(self) -> Tuple[int, Optional[Tuple[int, int]]]:
+        return id(self.module), self.rows
+
+    def weight(self) -> Tensor:
+        w = weight_out_in(self.module)
+        return w if self.rows is None else w[self.rows[0]:self.rows[1]]
+
+    def bias(self) -> Optional[Tensor]:
+        b = getattr(self.module, "bias", None)
+        return b if b is None or self.rows is None else b[self.rows[0]:self.rows[1]]
+
+    def column_norms(self) -> Tensor:
+        """WINA's ``||W[:, i]||_2`` for each input ``i`` (of this part), fp32."""
+        return self.weight().detach().float().norm(dim=0).contiguous()
+
+    @property
+    def params(self) -> int:
+        return self.weight().numel()
 
 
 @dataclasses.dataclass
 class SiteStats:
     """What calibration learned about one projection's input."""
 
-    module: nn.Module
+    proj: Projection
     scale: Tensor  # WINA column norms [in]
     teal: ScoreHistogram
     wina: ScoreHistogram
 
     @property
-    def in_features(self) -> int:
-        return self.scale.numel()
-
-    @property
-    def params(self) -> int:
-        return weight_out_in(self.module).numel()
+    def module(self) -> nn.Module:
+        return self.proj.module
 
     def histogram(self, mode: str) -> ScoreHistogram:
         return self.wina if mode == "wina" else self.teal
@@ -110,8 +132,15 @@ def _progress(iterable, desc: str, show: bool, total: Optional[int] = None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
+def _by_module(projections: Dict[Site, Projection]) -> Dict[int, List[Site]]:
+    groups: Dict[int, List[Site]] = {}
+    for site, proj in projections.items():
+        groups.setdefault(id(proj.module), []).append(site)
+    return groups
+
+
 @torch.no_grad()
-def collect(model: nn.Module, sites: Dict[Site, nn.Module], layers: Sequence[nn.Module],
+def collect(model: nn.Module, projections: Dict[Site, Projection], layers: Sequence[nn.Module],
             batches: Iterable[Tensor], keep_block_windows: int = 0, progress: bool = True,
             sparsify: Optional[Tuple[Dict[Site, float], Dict[Site, Optional[Tensor]]]] = None) -> Collected:
     """Run ``batches`` of token windows through ``model`` and histogram every site.
@@ -122,30 +151,25 @@ def collect(model: nn.Module, sites: Dict[Site, nn.Module], layers: Sequence[nn.
     sees its input before its own mask, i.e. what upstream sparsity feeds it.
     """
     stats: Dict[Site, SiteStats] = {}
-    by_module: Dict[int, List[SiteStats]] = {}
-    for site, mod in sites.items():
-        first = by_module.get(id(mod))
-        if first:  # a fused module serves several canonical names: they share its histograms
-            st = dataclasses.replace(first[0])
+    unique: Dict[tuple, SiteStats] = {}
+    for site, proj in projections.items():
+        if proj.key in unique:  # names of one unsplit fused module share its histograms
+            stats[site] = dataclasses.replace(unique[proj.key], proj=proj)
         else:
-            st = SiteStats(mod, column_norms(mod), ScoreHistogram(), ScoreHistogram())
-        stats[site] = st
-        by_module.setdefault(id(mod), []).append(st)
-
-    handles = []
+            stats[site] = unique[proj.key] = SiteStats(proj, proj.column_norms(), ScoreHistogram(),
+                                                       ScoreHistogram())
+    per_module: Dict[int, List[SiteStats]] = {}
+    for key, st in unique.items():
+        per_module.setdefault(key[0], []).append(st)
 
     def site_hook(module, args):
-        st = by_module[id(module)][0]
         x = args[0].detach()
         a = x.reshape(-1, x.shape[-1]).float().abs()
-        st.teal.add(a)
-        st.wina.add(a * st.scale.to(a.device))
+        for st in per_module[id(module)]:
+            st.teal.add(a)
+            st.wina.add(a * st.scale.to(a.device))
 
-    seen = set()
-    for st in stats.values():
-        if id(st.module) not in seen:
-            seen.add(id(st.module))
-            handles.append(st.module.register_forward_pre_hook(site_hook))
+    handles = [group[0].module.register_forward_pre_hook(site_hook) for group in per_module.values()]
 
     block_calls: Dict[int, List[BlockCall]] = {i: [] for i in range(len(layers))}
     kept = {"windows": 0}
@@ -164,7 +188,7 @@ def collect(model: nn.Module, sites: Dict[Site, nn.Module], layers: Sequence[nn.
     tokens = 0
     batches = list(batches)
     # registered after the histogram hooks, so they run after them
-    masks = masked(sites, *sparsify) if sparsify is not None else contextlib.nullcontext()
+    masks = masked(projections, *sparsify) if sparsify is not None else contextlib.nullcontext()
     try:
         with masks:
             for ids in _progress(batches, "calibrating" if sparsify is None else "refining", progress):
@@ -178,39 +202,55 @@ def collect(model: nn.Module, sites: Dict[Site, nn.Module], layers: Sequence[nn.
     return Collected(stats, list(layers), block_calls, tokens)
 
 
+def _mask(x: Tensor, scale: Optional[Tensor], threshold: float) -> Tensor:
+    """``x`` with the inputs that :func:`reference.sparse_mask` drops set to zero."""
+    flat = x.reshape(-1, x.shape[-1])
+    m = reference.sparse_mask(flat, None if scale is None else scale.to(x.device),
+                              torch.tensor(float(threshold), device=x.device), -1)
+    return torch.where(m, flat, torch.zeros((), dtype=x.dtype, device=x.device)).reshape(x.shape)
+
+
 @contextlib.contextmanager
-def masked(sites: Dict[Site, nn.Module], thresholds: Dict[Site, float],
+def masked(projections: Dict[Site, Projection], thresholds: Dict[Site, float],
            scales: Dict[Site, Optional[Tensor]]):
     """Apply sparse activation to the sites with the reference mask, via hooks.
 
     ``thresholds`` is read at every call, so a caller may change it between
     forward passes without re-registering.  A site missing from it stays dense.
-    The math is :func:`steerkern.ops.reference.sparse_mask` (threshold mode):
-    ``y = W (m * x) + b``.
+    The math is :func:`steerkern.ops.reference.sparse_linear` (threshold mode):
+    ``y = W (m * x) + b``, per part for a fused module split into parts.
     """
     handles = []
 
-    def hook_for(site):
+    def whole(site):
         def hook(module, args):
             t = thresholds.get(site)
             if t is None:
                 return None
-            x = args[0]
-            flat = x.reshape(-1, x.shape[-1])
-            s = scales.get(site)
-            m = reference.sparse_mask(flat, None if s is None else s.to(x.device),
-                                      torch.tensor(float(t), device=x.device), -1)
-            xm = torch.where(m, flat, torch.zeros((), dtype=x.dtype, device=x.device))
-            return (xm.reshape(x.shape),) + tuple(args[1:])
+            return (_mask(args[0], scales.get(site), t),) + tuple(args[1:])
         return hook
 
-    groups: Dict[int, List[Site]] = {}
-    for site, mod in sites.items():
-        groups.setdefault(id(mod), []).append(site)
+    def parts(sites):
+        def hook(module, args, output):
+            if all(thresholds.get(s) is None for s in sites):
+                return None
+            x = args[0]
+            outs = []
+            for s in sites:
+                p, t = projections[s], thresholds.get(s)
+                xm = x if t is None else _mask(x, scales.get(s), t)
+                outs.append(F.linear(xm, p.weight().to(x.dtype), p.bias()))
+            return torch.cat(outs, dim=-1)
+        return hook
+
     try:
-        for site, mod in sites.items():
-            if groups[id(mod)][0] == site:  # a fused module gets one hook (its names share a threshold)
-                handles.append(mod.register_forward_pre_hook(hook_for(site)))
+        for sites in _by_module(projections).values():
+            mod = projections[sites[0]].module
+            if projections[sites[0]].rows is None:
+                # one mask for the module (names of an unsplit fused module share a threshold)
+                handles.append(mod.register_forward_pre_hook(whole(sites[0])))
+            else:
+                handles.append(mod.register_forward_hook(parts(sorted(sites, key=lambda s: projections[s].rows))))
         yield
     finally:
         for h in handles:
@@ -218,7 +258,7 @@ def masked(sites: Dict[Site, nn.Module], thresholds: Dict[Site, float],
 
 
 @torch.no_grad()
-def realized_sparsity(model: nn.Module, sites: Dict[Site, nn.Module], thresholds: Dict[Site, float],
+def realized_sparsity(model: nn.Module, projections: Dict[Site, Projection], thresholds: Dict[Site, float],
                       scales: Dict[Site, Optional[Tensor]], batches: Iterable[Tensor],
                       progress: bool = False) -> Dict[Site, float]:
     """The fraction of inputs each site drops on ``batches``, with sparsity applied
@@ -240,8 +280,8 @@ def realized_sparsity(model: nn.Module, sites: Dict[Site, nn.Module], thresholds
 
     try:
         for site in thresholds:
-            handles.append(sites[site].register_forward_pre_hook(count_hook(site)))
-        with masked(sites, thresholds, scales):
+            handles.append(projections[site].module.register_forward_pre_hook(count_hook(site)))
+        with masked({s: projections[s] for s in thresholds}, thresholds, scales):
             device = model_device(model)
             for ids in _progress(list(batches), "measuring", progress):
                 model(**model_kwargs(model, ids.to(device)))

@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMANDS = ["backends", "extract", "moral"]
+SUBCOMMANDS = ["backends", "extract", "moral", "generate", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

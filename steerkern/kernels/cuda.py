@@ -36,8 +36,8 @@ def _jit_build():
     return cpp_extension.load(
         name="steerkern_cuda_jit",
         sources=sources,
-        extra_cflags=["-O3", "-std=c++17"],
-        extra_cuda_cflags=["-O3", "-std=c++17", *gencode],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", *gencode],
         build_directory=str(build_dir),
         verbose=False,
     )
@@ -65,15 +65,27 @@ def _gpu_visible() -> bool:
     return torch.cuda.is_available()
 
 
+def set_dense_crossover(rows: int) -> None:
+    """Rows above which ``sparse_linear`` runs the masked dense matmul
+    (default 8; bench/bench_ops_gpu.py measures where it should be)."""
+    if _ext is None:
+        raise RuntimeError("the cuda backend is not loaded")
+    _ext.set_dense_crossover(int(rows))
+
+
+def dense_crossover() -> int:
+    if _ext is None:
+        raise RuntimeError("the cuda backend is not loaded")
+    return _ext.dense_crossover()
+
+
 _ext = None
-dense_crossover = None
 if not _gpu_visible():
     backends.mark_unavailable("cuda", "no CUDA device visible")
 else:
     try:
         _ext = _load()
         _register(_ext)
-        dense_crossover = _ext.dense_crossover
     except Exception as err:  # a build or import failure on a GPU machine: say so once
         _ext = None
         backends.mark_unavailable("cuda", f"CUDA extension not available ({type(err).__name__}: {err})")

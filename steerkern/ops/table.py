@@ -44,6 +44,8 @@ def orthonormalize(directions: Tensor) -> Tensor:
         t = t[None]
     if t.dim() != 2 or t.shape[0] == 0:
         raise ValueError(f"directions: expected shape [k, d] with k >= 1, got {tuple(t.shape)}")
+    if t.shape[0] > t.shape[1]:
+        raise ValueError(f"directions: {t.shape[0]} directions in {t.shape[1]} dimensions are linearly dependent")
     t64 = t.detach().to(torch.float64)
     _check_finite(t64, "directions")
     q, r = torch.linalg.qr(t64.T)
@@ -110,13 +112,14 @@ class SteerTable:
         present = {n: getattr(self, n) for n in self.tensor_names() if getattr(self, n) is not None}
         if not present:
             raise ValueError("SteerTable: no component given; an empty plan needs no table")
+        for name, t in present.items():
+            if not isinstance(t, Tensor) or t.dim() == 0:
+                raise ValueError(f"{name}: expected a tensor with an entry dimension, got {type(t).__name__}")
         K = next(iter(present.values())).shape[0]
         devices = {t.device for t in present.values()}
         if len(devices) > 1:
             raise ValueError(f"SteerTable: tensors on several devices {sorted(map(str, devices))}")
         for name, t in present.items():
-            if not isinstance(t, Tensor):
-                raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
             want = torch.uint8 if name == "preserve_norm" else torch.float32
             if t.dtype != want:
                 raise ValueError(f"{name}: expected dtype {want}, got {t.dtype}")

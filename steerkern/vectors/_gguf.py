@@ -130,9 +130,12 @@ def read_bytes(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         if size > max_bytes:
             raise ValueError(f"path: {path} is {size} bytes, more than the {max_bytes} allowed")
         with open(path, "rb") as f:
-            return f.read(max_bytes + 1)
+            data = f.read(size + 1)  # read(n) allocates n bytes up front: ask for what is there
     except OSError as err:
         raise ValueError(f"path: cannot read {path}: {err}") from None
+    if len(data) > size:
+        raise ValueError(f"path: {path} changed while it was read")
+    return data
 
 
 def parse(buf: bytes) -> GGUFFile:

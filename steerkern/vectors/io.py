@@ -54,11 +54,14 @@ def save(vectors: VectorSet, path, format: Optional[str] = None) -> None:
 def load(path) -> VectorSet:
     """Read a vector file written by :func:`save`, llama.cpp or repeng."""
     kind = sniff(path)
-    if kind == "gguf":
-        return load_gguf(path)
-    if kind == "safetensors":
-        return load_safetensors(path)
-    raise ValueError(f"path: {path} is {kind}; expected a safetensors or GGUF vector file")
+    if kind not in ("gguf", "safetensors"):
+        raise ValueError(f"path: {path} is {kind}; expected a safetensors or GGUF vector file")
+    try:
+        return load_gguf(path) if kind == "gguf" else load_safetensors(path)
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"path: {path}: {err}") from None
 
 
 def _format_for(path, format: Optional[str]) -> str:

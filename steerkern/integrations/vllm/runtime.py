@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import ops
-from ...ops.table import SteerEntry, SteerTable
+from ...ops.table import SteerTable
 from ...plan import Intervention
 from .spec import SteeringLibrary, has_steering
 
@@ -111,12 +111,12 @@ class SteeringRuntime:
         self.hidden_size = hidden_size
         self.device = torch.device(device)
         self.current: Optional[BatchSteering] = None
-        # req_id -> {key: (entry, positions)}, or None for a request without (valid) steering
-        self._requests: Dict[str, Optional[Dict[Key, Tuple[SteerEntry, Any]]]] = {}
+        # req_id -> {key: (one-entry table, positions)}, or None for a request without (valid) steering
+        self._requests: Dict[str, Optional[Dict[Key, Tuple[SteerTable, Any]]]] = {}
         self._tables: Dict[tuple, SteerTable] = {}
 
     # ---- requests ------------------------------------------------------------
-    def compile_request(self, req_id: str, extra_args) -> Optional[Dict[Key, Tuple[SteerEntry, Any]]]:
+    def compile_request(self, req_id: str, extra_args) -> Optional[Dict[Key, Tuple[SteerTable, Any]]]:
         if req_id in self._requests:
             return self._requests[req_id]
         compiled = None
@@ -130,14 +130,16 @@ class SteeringRuntime:
         self._requests[req_id] = compiled
         return compiled
 
-    def _by_key(self, interventions: Sequence[Intervention]) -> Dict[Key, Tuple[SteerEntry, Any]]:
-        out: Dict[Key, Tuple[SteerEntry, Any]] = {}
+    def _by_key(self, interventions: Sequence[Intervention]) -> Dict[Key, Tuple[SteerTable, Any]]:
+        # validated once per request; a batch's table is then a concatenation (_concat)
+        out: Dict[Key, Tuple[SteerTable, Any]] = {}
         depth: Dict[Tuple[int, str], int] = {}
         for iv in interventions:
             for layer in iv.resolved_layers(self.num_layers):
                 n = depth.get((layer, iv.site), 0)
                 depth[(layer, iv.site)] = n + 1
-                out[(layer, iv.site, n)] = (iv.layer_entry(layer), iv.positions)
+                table = SteerTable.from_entries([iv.layer_entry(layer)], self.hidden_size)
+                out[(layer, iv.site, n)] = (table, iv.positions)
         return out
 
     def forget_unless(self, live_req_ids) -> None:
@@ -153,7 +155,7 @@ class SteeringRuntime:
     def prepare(self, rows: Sequence[RequestRow], num_rows: int) -> Optional[BatchSteering]:
         """Build the tables and indices of one batch of ``num_rows`` rows
         (padding rows past the requests' rows are unsteered); sets ``current``."""
-        members: Dict[Key, List[Tuple[RequestRow, SteerEntry, Any]]] = {}
+        members: Dict[Key, List[Tuple[RequestRow, SteerTable, Any]]] = {}
         for row in rows:
             compiled = self.compile_request(row.req_id, row.extra_args)
             if not compiled:
@@ -178,7 +180,7 @@ class SteeringRuntime:
             tkey = (key, tuple(row.req_id for row, _, _ in group))
             table = self._tables.get(tkey)
             if table is None:
-                table = SteerTable.from_entries([e for _, e, _ in group], self.hidden_size, self.device)
+                table = _concat([t for _, t, _ in group], self.hidden_size).to(self.device)
             tables[tkey] = table
             raw = index.tobytes()
             if raw not in indices:  # layers that share the same rows share one index tensor
@@ -228,6 +230,46 @@ class SteeringRuntime:
         if not all(s.all_rows for s in steps):
             y = torch.where(self.current.masks[loc][:, None], y, y0)
         return y, r
+
+
+def _identity_rows(name: str, n: int, d: int, k: int) -> Tensor:
+    """Rows of component ``name`` that leave a row unchanged (as SteerTable.from_entries fills them)."""
+    if name == "basis":
+        return torch.zeros(n, k, d)
+    if name == "target":
+        return torch.zeros(n, k)
+    if name == "scale":
+        return torch.ones(n, d)
+    if name == "cond_dir":
+        rows = torch.zeros(n, d)
+        rows[:, 0] = 1.0  # a unit row; threshold -inf lets every row pass
+        return rows
+    if name == "cond_threshold":
+        return torch.full((n,), float("-inf"))
+    if name == "preserve_norm":
+        return torch.zeros(n, dtype=torch.uint8)
+    return torch.zeros(n, d) if name in ("vec", "shift") else torch.zeros(n)  # vec, shift; gain, alpha
+
+
+def _concat(tables: Sequence[SteerTable], d: int) -> SteerTable:
+    """One table whose entry ``j`` is ``tables[j]``'s entry (each has one); a
+    component that some lack gets identity rows for them."""
+    k = max((t.basis.shape[1] for t in tables if t.basis is not None), default=0)
+    parts = {}
+    for name in SteerTable.tensor_names():
+        if all(getattr(t, name) is None for t in tables):
+            continue
+        rows = []
+        for t in tables:
+            x = getattr(t, name)
+            if x is None:
+                x = _identity_rows(name, t.size, d, k)
+            elif name in ("basis", "target") and x.shape[1] < k:
+                pad = _identity_rows(name, x.shape[0], d, k - x.shape[1])
+                x = torch.cat([x, pad], dim=1)
+            rows.append(x)
+        parts[name] = torch.cat(rows).contiguous()
+    return SteerTable(d, **parts)
 
 
 # ---- patching the model ----------------------------------------------------------
