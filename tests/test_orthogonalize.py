@@ -16,7 +16,12 @@ import steerkern
 from steerkern import SteeringPlan
 from steerkern.vectors.orthogonalize import orthogonalize
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 BAKEABLE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "gpt_neox_seq"]
 ATOL = 1e-4

@@ -17,7 +17,12 @@ from steerkern.vectors.probe import group_folds
 from steerkern.vectors import (METHODS, VectorSet, collect_activations, compute_direction, cross_val_accuracy,
                                extract, fit_logistic, read_prompts)
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 WORDS = ("i like love hate the cat dog sun rain happy sad day night good bad you we they are is very not so a "
          "it tell me about story help kill steal give").split()
@@ -191,11 +196,9 @@ def reference_direction(p, n, method, paired, l2=1e-2):
     return _oriented(v, p, n)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("method, paired", [(m, p) for m in METHODS for p in (True, False)
+                                             if (m, p) != ("pca_diff", False)])  # needs pairs: own test
 def test_compute_direction_matches_reference(method, paired):
-    if method == "pca_diff" and not paired:
-        pytest.skip("pca_diff needs pairs (its own test)")
     g = torch.Generator().manual_seed(3)
     d = 24
     shift = torch.randn(d, generator=g)

@@ -14,7 +14,12 @@ from steerkern.vectors.extract import collect_activations
 from steerkern.vectors.select import next_token_score, select_direction
 from test_vectors_extract import NEGATIVE, POSITIVE, word_tokenizer
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def rand_set(layers, seed=0, scale=1.0):

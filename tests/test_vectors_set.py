@@ -9,7 +9,12 @@ import models as M
 import steerkern
 from steerkern.vectors import VectorSet, compose
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def rand_set(layers, d=6, seed=0, **kw):

@@ -50,8 +50,10 @@ __device__ __forceinline__ float steered(float h, int64_t i, int64_t d, int ent,
   return y;
 }
 
+constexpr int kMaxThreads = 1024;
+
 template <typename T>
-__global__ void steer_rows_kernel(SteerRows a) {
+__global__ void __launch_bounds__(kMaxThreads) steer_rows_kernel(SteerRows a) {
   extern __shared__ float delta[];  // [k]
   __shared__ float scratch[kCoeffChunk * 32];
   const SteerTable& t = a.table;
@@ -134,9 +136,10 @@ __global__ void steer_rows_kernel(SteerRows a) {
   }
 }
 
+// About 8 elements per thread, in whole warps.
 int threads_for(int64_t d) {
   int threads = 32;
-  while (threads < 1024 && threads * 8 < d) threads *= 2;
+  while (threads < kMaxThreads && threads * 8 < d) threads *= 2;
   return threads;
 }
 

@@ -81,13 +81,16 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: Optional[int]
 
 
 def split_windows(windows: Tensor, held_out: float) -> Tuple[Tensor, Tensor]:
-    """Split windows into (calibration, held-out) with ``held_out`` of them at the end."""
+    """Split windows into (calibration, held-out); every ``round(1 / held_out)``-th
+    window is held out, so both halves sample the whole text."""
     if not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out: expected a fraction in (0, 1), got {held_out!r}")
-    n_out = max(1, int(round(len(windows) * held_out)))
-    if n_out >= len(windows):
-        raise ValueError(f"windows: {len(windows)} window(s) cannot be split for held-out data")
-    return windows[:-n_out], windows[-n_out:]
+    every = max(2, int(round(1.0 / held_out)))
+    out = torch.zeros(len(windows), dtype=torch.bool)
+    out[every - 1::every] = True
+    if not out.any():
+        raise ValueError(f"windows: {len(windows)} window(s) are too few to hold out every {every}th")
+    return windows[~out], windows[out]
 
 
 def batches(windows: Tensor, batch_size: int) -> Sequence[Tensor]:

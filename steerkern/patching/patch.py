@@ -26,7 +26,7 @@ import types
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import backends
 from ..ops.table import SteerTable

@@ -213,10 +213,8 @@ def collect_activations(model, tokenizer, prompts: Sequence[str], layers: Option
             offsets = enc.pop("offset_mapping", None)
             weights = _position_weights(position, enc["attention_mask"], offsets, ends[start:start + batch_size])
             enc = {k: v.to(device) for k, v in enc.items()}
-            states = _run(model, enc, layers, site, layer_list)
-            for layer in layers:
-                h = states[layer].double().cpu()
-                out[layer].append(torch.einsum("bt,btd->bd", weights, h).float())
+            for layer, v in _run(model, enc, layers, site, layer_list, weights.to(device)).items():
+                out[layer].append(v)
     return {layer: torch.cat(v) for layer, v in out.items()}
 
 
@@ -247,23 +245,28 @@ def _tokenizer_for_batches(tokenizer):
             tokenizer.pad_token = None
 
 
-def _run(model, enc, layers: Sequence[int], site: str, layer_list) -> Dict[int, Tensor]:
-    """Run the model once; the ``[B, T, d]`` stream at ``site`` of ``layers``."""
+def _run(model, enc, layers: Sequence[int], site: str, layer_list, weights: Tensor) -> Dict[int, Tensor]:
+    """Run the model once; ``{layer: [B, d]}`` fp32 CPU, the stream at ``site``
+    reduced over tokens by ``weights`` ``[B, T]`` as soon as it is produced
+    (so no ``[B, T, d]`` state outlives its layer)."""
+    def reduce(h: Tensor) -> Tensor:
+        return torch.einsum("bt,btd->bd", weights.to(torch.float32), h.float()).cpu()
+
     if layer_list is None:
         hs = model(**enc, output_hidden_states=True).hidden_states
-        return {layer: hs[layer + 1 if site == "post_mlp" else layer] for layer in layers}
+        return {layer: reduce(hs[layer + 1 if site == "post_mlp" else layer]) for layer in layers}
     states: Dict[int, Tensor] = {}
     deepest = max(layers)
     handles = []
 
     def grab(layer):
         def post(module, args, output):
-            states[layer] = output[0] if isinstance(output, (tuple, list)) else output
+            states[layer] = reduce(output[0] if isinstance(output, (tuple, list)) else output)
             if layer == deepest:
                 raise _StopForward
 
         def pre(module, args, kwargs):
-            states[layer] = args[0] if args else kwargs["hidden_states"]
+            states[layer] = reduce(args[0] if args else kwargs["hidden_states"])
             if layer == deepest:
                 raise _StopForward
 

@@ -319,6 +319,19 @@ class VectorSet:
                                    model=self.model_id or None, num_layers=self.num_layers,
                                    hidden_size=self.hidden_size)
 
+    def save(self, path, format: Optional[str] = None) -> None:
+        """Write to ``.safetensors`` or ``.gguf`` (see :mod:`steerkern.vectors.io`)."""
+        from .io import save
+
+        save(self, path, format)
+
+    @staticmethod
+    def load(path) -> "VectorSet":
+        """Read a safetensors or GGUF vector file (never unpickles)."""
+        from .io import load
+
+        return load(path)
+
     def describe(self) -> Dict[str, Any]:
         """The JSON-serializable facts (everything but the tensors)."""
         return {"model_id": self.model_id, "model_type": self.model_type, "method": self.method,

@@ -73,6 +73,15 @@ class BatchSteering:
     masks: Dict[Location, Tensor]   # rows steered by any step at the location
 
 
+@dataclasses.dataclass
+class _Layout:
+    """The steered requests of a batch (in row order) and their key groups:
+    ``[(members [(req_id, slot, positions)], [(key, table)])]``."""
+
+    ids: tuple
+    groups: list
+
+
 def _location(layer: int, site: str, num_layers: int) -> Location:
     if site == "pre":
         return ("in", layer)
@@ -114,6 +123,8 @@ class SteeringRuntime:
         # req_id -> {key: (one-entry table, positions)}, or None for a request without (valid) steering
         self._requests: Dict[str, Optional[Dict[Key, Tuple[SteerTable, Any]]]] = {}
         self._tables: Dict[tuple, SteerTable] = {}
+        self._layout: Optional[_Layout] = None
+        self._last = None  # ((ids, index bytes), BatchSteering) of the previous step
 
     # ---- requests ------------------------------------------------------------
     def compile_request(self, req_id: str, extra_args) -> Optional[Dict[Key, Tuple[SteerTable, Any]]]:
@@ -154,50 +165,77 @@ class SteeringRuntime:
     # ---- batches -------------------------------------------------------------
     def prepare(self, rows: Sequence[RequestRow], num_rows: int) -> Optional[BatchSteering]:
         """Build the tables and indices of one batch of ``num_rows`` rows
-        (padding rows past the requests' rows are unsteered); sets ``current``."""
-        members: Dict[Key, List[Tuple[RequestRow, SteerTable, Any]]] = {}
+        (padding rows past the requests' rows are unsteered); sets ``current``.
+
+        The per-step work is one index array per group of keys that the same
+        requests steer with the same position rules; tables and groups are
+        rebuilt only when the set of steered requests changes, and the whole
+        result is reused while the indices stay the same (decode steps)."""
+        steered = []
         for row in rows:
             compiled = self.compile_request(row.req_id, row.extra_args)
-            if not compiled:
-                continue
-            for key, (entry, positions) in compiled.items():
-                members.setdefault(key, []).append((row, entry, positions))
-        if not members:
+            if compiled:
+                steered.append((row, compiled))
+        if not steered:
             self.current = None
             return None
-        tables: Dict[tuple, SteerTable] = {}
-        indices: Dict[bytes, Tuple[Tensor, np.ndarray]] = {}
-        steps: Dict[Location, List[_Step]] = {}
-        masks: Dict[Location, np.ndarray] = {}
-        for key in sorted(members, key=_order):
-            group = members[key]
+        ids = tuple(row.req_id for row, _ in steered)
+        if self._layout is None or self._layout.ids != ids:
+            self._layout = self._build_layout(ids, [c for _, c in steered])
+        by_id = {row.req_id: row for row, _ in steered}
+        arrays = []
+        for members, _ in self._layout.groups:
             index = np.zeros(num_rows, dtype=np.int32)
-            for slot, (row, _, positions) in enumerate(group, start=1):
+            for req_id, slot, positions in members:
+                row = by_id[req_id]
                 a, b = _row_range(positions, row.first_position, row.count, row.prompt_len)
                 index[row.start + a: row.start + b] = slot
-            if not index.any():
+            arrays.append(index)
+        signature = b"".join(a.tobytes() for a in arrays)
+        if self._last is not None and self._last[0] == (ids, signature):
+            self.current = self._last[1]
+            return self.current
+        tensors = [None if not a.any() else torch.from_numpy(a).to(self.device, non_blocking=True)
+                   for a in arrays]
+        steps: Dict[Location, List[_Step]] = {}
+        masks: Dict[Location, np.ndarray] = {}
+        for g, (_, keyed) in enumerate(self._layout.groups):
+            if tensors[g] is None:
                 continue
-            tkey = (key, tuple(row.req_id for row, _, _ in group))
-            table = self._tables.get(tkey)
-            if table is None:
-                table = _concat([t for _, t, _ in group], self.hidden_size).to(self.device)
-            tables[tkey] = table
-            raw = index.tobytes()
-            if raw not in indices:  # layers that share the same rows share one index tensor
-                indices[raw] = (torch.from_numpy(index).to(self.device, non_blocking=True), index)
-            dev_index, np_index = indices[raw]
-            loc = _location(key[0], key[1], self.num_layers)
-            steps.setdefault(loc, []).append(_Step(table, dev_index, bool(np_index.all())))
-            masks[loc] = (masks[loc] | (np_index > 0)) if loc in masks else (np_index > 0)
-        self._tables = tables
+            for key, table in keyed:
+                loc = _location(key[0], key[1], self.num_layers)
+                steps.setdefault(loc, []).append((_order(key), _Step(table, tensors[g], bool(arrays[g].all()))))
+                masks[loc] = (masks[loc] | (arrays[g] > 0)) if loc in masks else (arrays[g] > 0)
         if not steps:
             self.current = None
             return None
-        mask_tensors = {}
-        for loc, m in masks.items():
-            mask_tensors[loc] = torch.from_numpy(m).to(self.device, non_blocking=True)
-        self.current = BatchSteering(steps, mask_tensors)
+        ordered = {loc: [st for _, st in sorted(v, key=lambda x: x[0])] for loc, v in steps.items()}
+        mask_tensors = {loc: torch.from_numpy(m).to(self.device, non_blocking=True) for loc, m in masks.items()}
+        self.current = BatchSteering(ordered, mask_tensors)
+        self._last = ((ids, signature), self.current)
         return self.current
+
+    def _build_layout(self, ids, compiled) -> "_Layout":
+        """Group the keys by the (request, position rule) lists that steer them;
+        slots follow sorted request ids, so a reordered batch keeps its tables."""
+        per_key: Dict[Key, List[Tuple[str, SteerTable, Any]]] = {}
+        for req_id, comp in zip(ids, compiled):
+            for key, (table, positions) in comp.items():
+                per_key.setdefault(key, []).append((req_id, table, positions))
+        groups: Dict[tuple, List[Tuple[Key, SteerTable]]] = {}
+        tables: Dict[tuple, SteerTable] = {}
+        for key, members in per_key.items():
+            members.sort(key=lambda m: m[0])
+            tkey = (key, tuple(m[0] for m in members))
+            table = self._tables.get(tkey)
+            if table is None:
+                table = _concat([t for _, t, _ in members], self.hidden_size).to(self.device)
+            tables[tkey] = table
+            gkey = tuple((req_id, slot, positions) for slot, (req_id, _, positions) in enumerate(members, 1))
+            groups.setdefault(gkey, []).append((key, table))
+        self._tables = tables
+        self._last = None
+        return _Layout(ids, [(list(g), keyed) for g, keyed in groups.items()])
 
     def finish(self) -> None:
         self.current = None

@@ -25,8 +25,8 @@ def _serves(device_type: str) -> bool:
 
 try:
     import triton  # noqa: F401  (the package, not this module: imports are absolute)
-except ImportError as err:
-    backends.mark_unavailable("triton", f"triton not importable ({err})")
+except Exception as err:  # missing, or an install that fails to load
+    backends.mark_unavailable("triton", f"triton not importable ({type(err).__name__}: {err})")
 else:
     from . import sparse_gemv, steer
 

@@ -12,8 +12,9 @@ rounded steered ``r``.
 Layout: one program per row; ``h``, ``residual`` and the outputs are
 ``[rows, d]`` contiguous; table tensors are the fp32 ``[K, ...]`` of
 :class:`steerkern.ops.table.SteerTable`; ``index`` is int32 ``[rows]``.
-Rows that fit one block (``d <= MAX_ONE_BLOCK``) stay in registers; longer
-rows loop over blocks of ``LOOP_BLOCK`` and re-read them (from L2).
+Rows that fit one block (``next_power_of_2(d) <= MAX_ONE_BLOCK``) stay in
+registers; longer rows loop over blocks of ``LOOP_BLOCK`` and re-read them
+(from L2).
 
 Bound: memory.  Per row it reads ``d`` elements of ``x`` (and of
 ``residual``) plus the table rows of its entry (cached across rows), and
@@ -31,7 +32,6 @@ import triton.language as tl
 MAX_ONE_BLOCK = 8192
 # Block length when a row is longer than MAX_ONE_BLOCK.
 LOOP_BLOCK = 4096
-_TINY = 1e-30
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def _steer_rows_kernel(
     norm_in = tl.sqrt(ss)
     use = e > 0
     if HAS_COND:
-        cos = tl.where(norm_in > 0, du / tl.maximum(norm_in, 1e-30), 0.0)
+        cos = tl.where(norm_in > 0, du / tl.maximum(norm_in, 1e-30), 0.0)  # 1e-30: the spec's _TINY
         use = use & (cos > tl.load(COND_THR + ent))
     delta = coeff
     if HAS_BASIS:
