@@ -39,6 +39,12 @@ NO_BACKEND_REASON = (
 )
 
 
+def pytest_configure(config):
+    # NaN/inf test inputs make the Triton interpreter's numpy arithmetic warn
+    config.addinivalue_line("filterwarnings",
+                            "ignore:invalid value encountered:RuntimeWarning:triton.runtime.interpreter")
+
+
 @pytest.fixture(params=KERNEL_BACKENDS or [pytest.param(None, marks=pytest.mark.skip(reason=NO_BACKEND_REASON))],
                 ids=lambda b: str(b))
 def backend(request):

@@ -376,7 +376,7 @@ void scores_t(const void* x, const float* scale, int64_t n, float* xf, float* sc
 }
 
 // acc[b, :n] += sum_g coef[b, j+g] * Wt[idx[j+g], t0:t0+n] for G active rows.
-template <int B, int G, DType WT, bool PF>
+template <int B, int G, DType WT, int PF>
 inline void rows_pass(const SparseJob& job, int64_t j, int64_t t0, int64_t n, float* acc, int64_t tc, int64_t jn) {
   const char* w[G];
   const char* wn[G];
@@ -393,8 +393,13 @@ inline void rows_pass(const SparseJob& job, int64_t j, int64_t t0, int64_t n, fl
     typename O::T wv[G];
     for (int g = 0; g < G; ++g) wv[g] = O::template ld<WT>(w[g], i);
 #if SK_ISA > 0
-    if constexpr (PF && sizeof(typename O::T) > 4) {
-      for (int g = 0; g < G; ++g) _mm_prefetch(wn[g] + i * es, _MM_HINT_T0);
+    if constexpr (PF > 0 && sizeof(typename O::T) > 4) {
+      if (((i * es) & 63) == 0) {
+        for (int g = 0; g < G; ++g) {
+          if constexpr (PF == 1) _mm_prefetch(wn[g] + i * es, _MM_HINT_T0);
+          else _mm_prefetch(wn[g] + i * es, _MM_HINT_T1);
+        }
+      }
     }
 #endif
     for (int b = 0; b < B; ++b) {
@@ -415,7 +420,7 @@ void store_row(const float* acc, const float* bias, void* y, int64_t n) {
   });
 }
 
-template <int B, DType WT, int G, bool PF>
+template <int B, DType WT, int G, int PF>
 void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1, int64_t tile_floats) {
   // column tile: B accumulator rows of tc floats, 16 KiB in all
   const int64_t tc_max = (tile_floats / B) / W * W;
@@ -430,7 +435,7 @@ void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1, int64_t tile_fl
     std::memset(acc, 0, sizeof(float) * B * tc);
     int64_t j = 0;
     for (; j + G <= job.nact; j += G) rows_pass<B, G, WT, PF>(job, j, t0, n, acc, tc, j + G);
-    for (; j < job.nact; ++j) rows_pass<B, 1, WT, false>(job, j, t0, n, acc, tc, j + 1);
+    for (; j < job.nact; ++j) rows_pass<B, 1, WT, 0>(job, j, t0, n, acc, tc, j + 1);
     const float* bias = job.bias ? job.bias + t0 : nullptr;
     for (int b = 0; b < B; ++b) {
       void* y = static_cast<char*>(job.y) + (b * job.out + t0) * ys;
@@ -446,13 +451,14 @@ void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1, int64_t tile_fl
 template <int B, DType WT>
 void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1) {
   switch (g_variant) {
-    case 1: sparse_cols_t<B, WT, 4, true>(job, c0, c1, 4096); break;
-    case 2: sparse_cols_t<B, WT, 8, false>(job, c0, c1, 4096); break;
-    case 3: sparse_cols_t<B, WT, 8, true>(job, c0, c1, 4096); break;
-    case 4: sparse_cols_t<B, WT, 4, true>(job, c0, c1, 8192); break;
-    case 5: sparse_cols_t<B, WT, 2, true>(job, c0, c1, 4096); break;
-    case 6: sparse_cols_t<B, WT, 4, false>(job, c0, c1, 8192); break;
-    default: sparse_cols_t<B, WT, 4, false>(job, c0, c1, 4096); break;
+    case 1: sparse_cols_t<B, WT, 4, 1>(job, c0, c1, 4096); break;
+    case 2: sparse_cols_t<B, WT, 8, 0>(job, c0, c1, 4096); break;
+    case 3: sparse_cols_t<B, WT, 8, 1>(job, c0, c1, 4096); break;
+    case 4: sparse_cols_t<B, WT, 4, 2>(job, c0, c1, 4096); break;
+    case 5: sparse_cols_t<B, WT, 8, 2>(job, c0, c1, 4096); break;
+    case 6: sparse_cols_t<B, WT, 8, 2>(job, c0, c1, 8192); break;
+    case 7: sparse_cols_t<B, WT, 8, 1>(job, c0, c1, 8192); break;
+    default: sparse_cols_t<B, WT, 4, 0>(job, c0, c1, 4096); break;
   }
 }
 

@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-SUBCOMMANDS = ["backends", "extract", "moral", "generate", "demo"]
+SUBCOMMANDS = ["backends", "extract", "moral", "generate", "demo", "calibrate", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,10 @@ instances:
   (:func:`steerkern.integrations.vllm.runtime.install`); on every call, builds
   the batch's steering tables and per-row indices from the requests' rows,
   positions and extra arguments.
+* ``UnquantizedLinearMethod`` (workers): with a sparsity plan registered,
+  prepares the sparse layouts of the planned projections when the weights
+  are loaded, and routes those layers through ``sparse_linear``
+  (:mod:`.sparse`).
 
 Steering needs the V1 model runner and eager execution (``enforce_eager``):
 the plugin selects the V1 runner unless ``VLLM_USE_V2_MODEL_RUNNER`` is set,
@@ -28,6 +32,7 @@ import logging
 import os
 from typing import Optional
 
+from .sparse import BatchRows
 from .spec import SteeringLibrary, fingerprint, has_steering
 
 log = logging.getLogger("steerkern.vllm")
@@ -36,6 +41,7 @@ DISABLE_ENV = "STEERKERN_VLLM_DISABLE"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 _registered = False
+_ROWS = BatchRows()  # which rows are generated tokens, for sparsity plans with dense prefill
 
 
 def register() -> None:
@@ -48,6 +54,7 @@ def register() -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     _patch_input_processor()
     _patch_model_runner()
+    _patch_linear()
 
 
 # ---- front end ---------------------------------------------------------------------
@@ -137,15 +144,21 @@ def _patch_model_runner() -> None:
     @functools.wraps(orig)
     def _model_forward(self, *args, **kwargs):
         runtime = _runtime_of(self)
-        if runtime is None:
+        if runtime is None and not _SPARSE["dense_prefill"]:
             return orig(self, *args, **kwargs)
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        runtime.forget_unless(self.requests.keys())
-        runtime.prepare(_rows_v1(self), int(positions.shape[-1]))
+        num_rows = int(positions.shape[-1])
+        if _SPARSE["dense_prefill"]:
+            _generated_rows_v1(self, num_rows)
+        if runtime is not None:
+            runtime.forget_unless(self.requests.keys())
+            runtime.prepare(_rows_v1(self), num_rows)
         try:
             return orig(self, *args, **kwargs)
         finally:
-            runtime.finish()
+            if runtime is not None:
+                runtime.finish()
+            _ROWS.generated, _ROWS.any_generated = None, True
 
     _model_forward._steerkern = True
     cls._model_forward = _model_forward
@@ -195,6 +208,79 @@ def _rows_v1(runner):
         rows.append(RequestRow(req_id, extra, int(qsl[i]), int(qsl[i + 1] - qsl[i]), int(computed[i]),
                                int(state.num_prompt_tokens)))
     return rows
+
+
+def _generated_rows_v1(runner, num_rows: int) -> None:
+    """Mark the rows that hold generated tokens (position >= prompt length)."""
+    import numpy as np
+    import torch
+
+    batch = runner.input_batch
+    n = batch.num_reqs
+    qsl = runner.query_start_loc.np[: n + 1]
+    counts = np.diff(qsl)
+    prompt = np.array([runner.requests[r].num_prompt_tokens for r in batch.req_ids[:n]], dtype=np.int64)
+    first = batch.num_computed_tokens_cpu[:n].astype(np.int64)
+    req = np.repeat(np.arange(n), counts)
+    pos = first[req] + (np.arange(int(qsl[n])) - qsl[req])
+    rows = np.nonzero(pos >= prompt[req])[0]
+    _ROWS.any_generated = bool(len(rows))
+    _ROWS.generated = torch.from_numpy(rows).to(runner.device, non_blocking=True)
+
+
+# ---- sparse activation ----------------------------------------------------------------
+
+_SPARSE = {"dense_prefill": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _sparsity_plan(path: str):
+    from ...plan import SparsityPlan
+
+    return SparsityPlan.load(path)
+
+
+def _patch_linear() -> None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from . import sparse
+
+    cls = UnquantizedLinearMethod
+    if getattr(cls.apply, "_steerkern", False):
+        return
+    orig_load, orig_apply = cls.process_weights_after_loading, cls.apply
+
+    @functools.wraps(orig_load)
+    def process_weights_after_loading(self, layer):
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        path = sparse.plan_path(getattr(config, "additional_config", None)) if config is not None else None
+        if path:
+            plan = _sparsity_plan(str(path))
+            sparse.check_layers(plan, model_shape(config)[0])
+            sp = sparse.prepare(layer, plan, _tp_all_reduce())
+            if sp is not None:
+                layer._steerkern_sparse = sp
+                _SPARSE["dense_prefill"] |= sp.dense_prefill
+        return orig_load(self, layer)
+
+    @functools.wraps(orig_apply)
+    def apply(self, layer, x, bias=None):
+        sp = layer.__dict__.get("_steerkern_sparse")
+        if sp is None:
+            return orig_apply(self, layer, x, bias)
+        return sparse.apply(sp, x, bias, lambda: orig_apply(self, layer, x, bias), _ROWS)
+
+    apply._steerkern = True
+    cls.process_weights_after_loading = process_weights_after_loading
+    cls.apply = apply
+
+
+def _tp_all_reduce():
+    from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce if get_tensor_model_parallel_world_size() > 1 else None
 
 
 __all__ = ["register", "validate", "unsupported_reason", "SUPPORTED_ARCHITECTURES"]
