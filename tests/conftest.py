@@ -22,7 +22,6 @@ from typing import Callable, Dict, Optional, Sequence
 import pytest
 import torch
 
-import steerkern
 from steerkern import backends
 from steerkern.ops import reference as R
 from steerkern.ops.table import SteerTable
@@ -187,7 +186,7 @@ def steer_scale(h2: torch.Tensor, table: SteerTable, index: Optional[torch.Tenso
     if table.preserve_norm is not None:
         parts = list(table.tensors())
         parts[-1] = None  # the same steering without the final rescale
-        pre = R.steer(h2, None if index is None else index.reshape(-1), *parts, acc=torch.float64)
+        pre = R.steer(x, None if index is None else index.reshape(-1), *parts, acc=torch.float64)
         n_pre = pre.double().norm(dim=1)
     for e in range(table.size):
         t = n_in.clone()
@@ -452,4 +451,3 @@ except ImportError:  # the property tests skip themselves
     pass
 
 
-__all__ = [name for name in dir() if not name.startswith("_")] + ["steerkern"]

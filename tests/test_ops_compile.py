@@ -2,8 +2,6 @@
 torch.compile(fullgraph=True) through the public API."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -14,6 +12,8 @@ from conftest import IMPLS, random_basis
 
 D, OUT = 8, 5
 ops = torch.ops.steerkern
+# opcheck's own use of torch.jit, not ours
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def full_table(gen):
@@ -114,10 +114,7 @@ def test_compile_with_inductor(gen):
         r, y = model_step(h, residual, weight, table, index, sw, "auto")
         return r * 2 + 1, torch.relu(y)  # something for inductor to fuse around the ops
 
-    start = time.perf_counter()
     got = torch.compile(step, fullgraph=True, backend="inductor")(h, residual, weight, index)
-    elapsed = time.perf_counter() - start
     want = step(h, residual, weight, index)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
-    assert elapsed < 120, f"inductor took {elapsed:.0f} s"

@@ -14,7 +14,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("steer_sparse_linear", &sk::steer_sparse_linear, "sparse_linear(steer(h)) in one call");
   m.def("cpu_capability", [] { return std::string(sk::capability()); },
         "the instruction set the kernels use: avx512, avx2+fma or portable");
-  m.def("_variant", [](int v) { sk::g_variant = v; });
   m.def(
       "set_capability",
       [](const std::string& name) {

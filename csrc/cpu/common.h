@@ -160,7 +160,6 @@ const char* set_capability(const char* name);
 // Slots 0-2 belong to the kernels, 3-5 to the ATen layer.
 constexpr int kScratchSlots = 6;
 float* scratch(int64_t n, int slot);
-extern int g_variant;
 
 }  // namespace cpu
 }  // namespace steerkern

@@ -70,7 +70,6 @@ const char* set_capability(const char* name) {
   return capability();
 }
 
-int g_variant = 0;
 float* scratch(int64_t n, int slot) {
   thread_local std::vector<float> buffers[kScratchSlots];
   std::vector<float>& b = buffers[slot];

@@ -11,6 +11,11 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+// GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined
+// placeholders (GCC bug 105593, fixed in 13)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define SK_ISA 2
 namespace steerkern {
 namespace cpu {
@@ -20,6 +25,7 @@ namespace avx512 {
 }  // namespace cpu
 }  // namespace steerkern
 #undef SK_ISA
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 namespace steerkern {

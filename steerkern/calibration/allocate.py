@@ -103,7 +103,7 @@ def _greedy_block(collected: Collected, b: int, mode: str, target: float, step: 
         while sum(w * lv for w, lv in zip(weight, level)) < target - 1e-9:
             best = None
             for u in range(len(unit_sites)):
-                if level[u] + step > MAX_LEVEL + 1e-9:
+                if level[u] >= MAX_LEVEL - 1e-9:
                     continue
                 trial = list(level)
                 trial[u] = min(level[u] + step, MAX_LEVEL)

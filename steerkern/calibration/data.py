@@ -67,7 +67,7 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: Optional[int]
     body = seq_len - len(head) - len(tail)
     if body < 1:
         raise ValueError(f"seq_len: {seq_len} leaves no room beside {len(head) + len(tail)} special tokens")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // body
     if n < min_windows:
         raise ValueError(

@@ -138,11 +138,14 @@ def plot(rows: Sequence[Row], path: str, title: str = "") -> None:
     dense = next((r for r in rows if r.mode == "dense"), None)
     for mode, marker in (("teal", "o"), ("wina", "s")):
         pts = sorted((r.realized, r.value) for r in rows if r.mode == mode)
+        if pts and dense is not None:
+            pts.insert(0, (0.0, dense.value))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=mode.upper())
     if dense is not None:
         ax.axhline(dense.value, color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("realized sparsity (held-out)")
+    ax.set_xlabel("realized sparsity on the evaluation text")
+    ax.set_xlim(left=0.0)
     ax.set_ylabel("perplexity (lower is better)" if metric == "perplexity"
                   else "embedding cosine to dense (higher is better)")
     if metric == "perplexity":

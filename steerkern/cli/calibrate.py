@@ -57,7 +57,8 @@ def resolve_model(name: str) -> str:
 
 def load_model(args):
     """(model, tokenizer, name) for ``args.model``: an encoder for BERT-like
-    models, a causal LM otherwise."""
+    models, a causal LM otherwise.  ``name`` is what patching checks a plan's
+    ``model`` against: the directory's base name."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 

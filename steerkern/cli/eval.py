@@ -51,6 +51,7 @@ def run(args) -> int:
     rows = sweep(model, calib_windows, eval_windows, levels, modes=modes, allocation=args.allocation,
                  steering=load_steering(args), batch_size=args.batch_size, greedy_windows=args.greedy_windows,
                  step=args.step, refine=args.refine, progress=not args.no_progress)
+    name = args.model if args.model.lower() == "minilm" else name
     print(f"{name}: {rows[0].metric} on {eval_windows.numel()} tokens, {args.allocation} allocation")
     print(format_table(rows))
     if args.plot:

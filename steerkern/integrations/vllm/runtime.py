@@ -35,12 +35,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ... import ops
+from ...ops import library
 from ...ops.table import SteerTable
 from ...plan import Intervention
 from .spec import SteeringLibrary, has_steering
 
 log = logging.getLogger("steerkern.vllm")
+
+_STEER = library.op("steer")
+_ADD_STEER_RMSNORM = library.op("add_steer_rmsnorm")
 
 Key = Tuple[int, str, int]   # (layer, site, depth): depth orders interventions at one site
 Location = Tuple[str, int]   # ("in", L): input norm of layer L (L == num_layers: final norm); ("mid", L)
@@ -245,10 +248,13 @@ class SteeringRuntime:
         cur = self.current
         return None if cur is None else cur.steps.get(loc)
 
+    # The torch ops are called directly: tables and int32 indices are built
+    # (and valid) here, and the public functions' index range check would
+    # synchronize a GPU once per call.
     def steer_stream(self, loc: Location, h: Tensor) -> Tensor:
         """Steer an unnormalized stream (the first layer's input)."""
-        for step in self.steps_at(loc) or ():
-            h = ops.steer(h, step.table, step.index)
+        for s in self.steps_at(loc) or ():
+            h = _STEER(h, s.index, *s.table.tensors())
         return h
 
     def steer_norm(self, loc: Location, norm: nn.Module, orig: Callable, x: Tensor,
@@ -258,13 +264,13 @@ class SteeringRuntime:
         weight, eps = norm.weight, float(norm.variance_epsilon)
         if len(steps) == 1 and steps[0].all_rows:
             s = steps[0]
-            r, y = ops.add_steer_rmsnorm(x, residual, weight, eps, table=s.table, index=s.index)
+            r, y = _ADD_STEER_RMSNORM(x, residual, weight, eps, 0.0, s.index, *s.table.tensors())
             return y, r
         y0, r = orig(x, residual)  # vLLM's own result, kept for the unsteered rows
         for s in steps[:-1]:
-            r = ops.steer(r, s.table, s.index)
+            r = _STEER(r, s.index, *s.table.tensors())
         last = steps[-1]
-        r, y = ops.add_steer_rmsnorm(r, None, weight, eps, table=last.table, index=last.index)
+        r, y = _ADD_STEER_RMSNORM(r, None, weight, eps, 0.0, last.index, *last.table.tensors())
         if not all(s.all_rows for s in steps):
             y = torch.where(self.current.masks[loc][:, None], y, y0)
         return y, r
