@@ -59,6 +59,14 @@ inline void vstore_f16(uint16_t* p, vf v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
+inline vf vround_bf16(vf v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                               _mm512_set1_epi32(int(0xFFFF0000u)));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
+}
+inline vf vround_f16(vf v) { return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
 #elif SK_ISA == 1
 using vf = __m256;
 constexpr int64_t W = 8;
@@ -95,6 +103,14 @@ inline void vstore_bf16(uint16_t* p, vf v) {
 inline void vstore_f16(uint16_t* p, vf v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
+inline vf vround_bf16(vf v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))),
+                               _mm256_set1_epi32(int(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+inline vf vround_f16(vf v) { return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)); }
 #else
 using vf = float;
 constexpr int64_t W = 1;
@@ -111,6 +127,8 @@ inline vf vload_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
 inline vf vload_f16(const uint16_t* p) { return f16_to_f32(*p); }
 inline void vstore_bf16(uint16_t* p, vf v) { *p = f32_to_bf16(v); }
 inline void vstore_f16(uint16_t* p, vf v) { *p = f32_to_f16(v); }
+inline vf vround_bf16(vf v) { return bf16_to_f32(f32_to_bf16(v)); }
+inline vf vround_f16(vf v) { return f16_to_f32(f32_to_f16(v)); }
 #endif
 
 // Two interchangeable operation sets, W lanes and 1 lane, so that a loop body
@@ -134,6 +152,12 @@ struct VOps {
     else if constexpr (D == DType::BF16) vstore_bf16(static_cast<uint16_t*>(p) + i, v);
     else vstore_f16(static_cast<uint16_t*>(p) + i, v);
   }
+  // v rounded to D and back, in registers: what st<D> then ld<D> would give
+  template <DType D> static T rnd(T v) {
+    if constexpr (D == DType::F32) return v;
+    else if constexpr (D == DType::BF16) return vround_bf16(v);
+    else return vround_f16(v);
+  }
 };
 
 struct SOps {
@@ -154,6 +178,11 @@ struct SOps {
     if constexpr (D == DType::F32) static_cast<float*>(p)[i] = v;
     else if constexpr (D == DType::BF16) static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
     else static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
+  }
+  template <DType D> static T rnd(T v) {
+    if constexpr (D == DType::F32) return v;
+    else if constexpr (D == DType::BF16) return bf16_to_f32(f32_to_bf16(v));
+    else return f16_to_f32(f32_to_f16(v));
   }
 };
 
@@ -180,6 +209,11 @@ inline void vload_bf16_split(const uint16_t* p, vf& even, vf& odd) {
 template <class F>
 inline void each(int64_t n, F&& f) {
   int64_t i = 0;
+  // two vectors per trip: the loop-invariant tests in f are paid half as often
+  for (; i + 2 * W <= n; i += 2 * W) {
+    f(VOps{}, i);
+    f(VOps{}, i + W);
+  }
   for (; i + W <= n; i += W) f(VOps{}, i);
   for (; i < n; ++i) f(SOps{}, i);
 }
@@ -211,68 +245,114 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// buf = float(src); returns sum(buf^2).
-template <DType T>
-float load_row(const void* src, float* buf, int64_t d) {
-  vf s0 = vzero(), s1 = vzero();
-  int64_t i = 0;
-  for (; i + 2 * W <= d; i += 2 * W) {
-    vf x0 = VOps::ld<T>(src, i), x1 = VOps::ld<T>(src, i + W);
-    vstore_f32(buf + i, x0);
-    vstore_f32(buf + i + W, x1);
-    s0 = vfma(x0, x0, s0);
-    s1 = vfma(x1, x1, s1);
-  }
-  for (; i + W <= d; i += W) {
-    vf x0 = VOps::ld<T>(src, i);
-    vstore_f32(buf + i, x0);
-    s0 = vfma(x0, x0, s0);
-  }
-  float s = vsum(vadd(s0, s1));
-  for (; i < d; ++i) {
-    float x = SOps::ld<T>(src, i);
-    buf[i] = x;
-    s = std::fma(x, x, s);
-  }
-  return s;
+// Prefetch the cache lines of [p + from, p + from + bytes): the next row is
+// requested while this one is converted, so that its read overlaps with this
+// row's compute and write phases (one row ahead is enough to keep DRAM busy).
+inline void prefetch_lines(const void* p, int64_t from, int64_t bytes) {
+#if SK_ISA > 0
+  if (!p) return;
+  const char* c = static_cast<const char*>(p) + from;
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+#else
+  (void)p, (void)from, (void)bytes;
+#endif
 }
 
-// r = T(x + res) (the unfused residual add, rounded once); buf = float(r);
-// returns sum(buf^2).
-template <DType T>
-float add_row(const void* x, const void* res, void* r, float* buf, int64_t d) {
-  Sum acc;
-  each(d, [&](auto o, int64_t i) {
-    using O = decltype(o);
-    auto v = O::add(O::template ld<T>(x, i), O::template ld<T>(res, i));
-    O::template st<T>(r, i, v);
-    if constexpr (T != DType::F32) v = O::template ld<T>(r, i);
-    O::store(buf + i, v);
-    sum_fma(acc, v, v);
-  });
-  return acc.total();
+// What one read of a row yields beside the fp32 copy: sum of squares and
+// the dot products with up to two fp32 directions (Q_e[0], the condition).
+struct RowSums {
+  float ss = 0.0f, d0 = 0.0f, d1 = 0.0f;
+};
+
+// The one pass over a row's input: buf = float(x), or with RES r = T(x + res)
+// (the unfused residual add, rounded once) and buf = float(r); the sums of
+// RowSums in the same pass (two accumulators each, to hide FMA latency); and
+// the next rows are prefetched meanwhile.
+template <DType T, bool RES, bool D0, bool D1>
+RowSums read_row_t(const void* x, const void* res, void* r, float* buf, int64_t d, const float* p0,
+                   const float* p1, const void* x_next, const void* res_next) {
+  constexpr int64_t es = T == DType::F32 ? 4 : 2;
+  vf ss[2] = {vzero(), vzero()}, a0[2] = {vzero(), vzero()}, a1[2] = {vzero(), vzero()};
+  auto step = [&](int64_t i, int u) {
+    vf v = VOps::ld<T>(x, i);
+    if constexpr (RES) {
+      v = vadd(v, VOps::ld<T>(res, i));
+      VOps::st<T>(r, i, v);
+      v = VOps::rnd<T>(v);
+    }
+    vstore_f32(buf + i, v);
+    ss[u] = vfma(v, v, ss[u]);
+    if constexpr (D0) a0[u] = vfma(v, vload_f32(p0 + i), a0[u]);
+    if constexpr (D1) a1[u] = vfma(v, vload_f32(p1 + i), a1[u]);
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= d; i += 2 * W) {
+    prefetch_lines(x_next, i * es, 2 * W * es);
+    if constexpr (RES) prefetch_lines(res_next, i * es, 2 * W * es);
+    step(i, 0);
+    step(i + W, 1);
+  }
+  prefetch_lines(x_next, i * es, (d - i) * es);
+  if constexpr (RES) prefetch_lines(res_next, i * es, (d - i) * es);
+  for (; i + W <= d; i += W) step(i, 0);
+  RowSums out;
+  out.ss = vsum(vadd(ss[0], ss[1]));
+  out.d0 = vsum(vadd(a0[0], a0[1]));
+  out.d1 = vsum(vadd(a1[0], a1[1]));
+  for (; i < d; ++i) {
+    float v = SOps::ld<T>(x, i);
+    if constexpr (RES) {
+      v = v + SOps::ld<T>(res, i);
+      SOps::st<T>(r, i, v);
+      v = SOps::rnd<T>(v);
+    }
+    buf[i] = v;
+    out.ss = std::fma(v, v, out.ss);
+    if constexpr (D0) out.d0 = std::fma(v, p0[i], out.d0);
+    if constexpr (D1) out.d1 = std::fma(v, p1[i], out.d1);
+  }
+  return out;
+}
+
+template <DType T, bool RES>
+RowSums read_row(const void* x, const void* res, void* r, float* buf, int64_t d, const float* p0, const float* p1,
+                 const void* x_next, const void* res_next) {
+  if (p0 && p1) return read_row_t<T, RES, true, true>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  if (p0) return read_row_t<T, RES, true, false>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  if (p1) return read_row_t<T, RES, false, true>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  return read_row_t<T, RES, false, false>(x, res, r, buf, d, p0, p1, x_next, res_next);
+}
+
+// The directions whose dot products read_row takes for entry e.
+inline const float* first_direction(const SteerTableView& t, int64_t e) {
+  return (t.basis && t.k > 0) ? t.basis + e * t.k * t.d : nullptr;
+}
+inline const float* condition_direction(const SteerTableView& t, int64_t e) {
+  return t.cond_dir ? t.cond_dir + e * t.d : nullptr;
 }
 
 // Step 1 of the spec: does entry e's condition hold for this row?
-bool condition_holds(const SteerTableView& t, int64_t e, const float* buf, float n2) {
+// (cos = h.u / max(||h||, tiny), 0 for a zero or NaN norm.)
+bool condition_holds(const SteerTableView& t, int64_t e, const RowSums& s) {
   if (!t.cond_dir) return true;
-  const float norm = std::sqrt(n2);
+  const float norm = std::sqrt(s.ss);
   float cos = 0.0f;
-  if (norm > 0.0f) cos = dot(buf, t.cond_dir + e * t.d, t.d) / std::max(norm, kTiny);
+  if (norm > 0.0f) cos = s.d1 / std::max(norm, kTiny);
   return cos > t.cond_thr[e];
 }
 
-// Steps 2-5 of the spec on the fp32 row `buf` (whose sum of squares is n2),
+// Steps 2-5 of the spec on the fp32 row `buf` (read_row gave its sums),
 // written to `out` rounded once to T.  With `keep`, buf receives the rounded
 // values and their sum of squares is returned (RMSNorm reads them).
 template <DType T>
-float apply_entry(const SteerTableView& t, int64_t e, float* buf, float n2, void* out, bool keep) {
+float apply_entry(const SteerTableView& t, int64_t e, float* buf, const RowSums& sums, void* out, bool keep) {
   const int64_t d = t.d, k = t.k;
-  const float* Q = (t.basis && k > 0) ? t.basis + e * k * d : nullptr;
+  const float* Q = first_direction(t, e);
   float* coef = nullptr;
   if (Q) {  // coef_j = c_j - Q_j . h
     coef = scratch(k, 2);
-    for (int64_t j = 0; j < k; ++j) coef[j] = t.target[e * k + j] - dot(buf, Q + j * d, d);
+    coef[0] = t.target[e * k] - sums.d0;
+    for (int64_t j = 1; j < k; ++j) coef[j] = t.target[e * k + j] - dot(buf, Q + j * d, d);
   }
   const float gain = Q ? t.gain[e] : 0.0f;
   const float* v = t.vec ? t.vec + e * d : nullptr;
@@ -300,7 +380,7 @@ float apply_entry(const SteerTableView& t, int64_t e, float* buf, float n2, void
     using O = decltype(o);
     O::template st<T>(out, i, y);
     if (keep) {
-      if constexpr (T != DType::F32) y = O::template ld<T>(out, i);
+      y = O::template rnd<T>(y);
       O::store(buf + i, y);
       sum_fma(kept, y, y);
     }
@@ -317,7 +397,7 @@ float apply_entry(const SteerTableView& t, int64_t e, float* buf, float n2, void
     sum_fma(s2, y, y);
   });
   const float n_out = std::sqrt(s2.total());
-  const float f = n_out > 0.0f ? std::sqrt(n2) / std::max(n_out, kTiny) : 1.0f;
+  const float f = n_out > 0.0f ? std::sqrt(sums.ss) / std::max(n_out, kTiny) : 1.0f;
   if (n_out > 0.0f) {
     each(d, [&](auto o, int64_t i) {
       using O = decltype(o);
@@ -329,6 +409,10 @@ float apply_entry(const SteerTableView& t, int64_t e, float* buf, float n2, void
   return kept.total();
 }
 
+inline int64_t entry_of(const SteerJob& job, int64_t r) {
+  return job.table.K == 0 ? 0 : job.index ? job.index[r] : 1;
+}
+
 template <DType T>
 void steer_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
   const SteerTableView& t = job.table;
@@ -338,17 +422,18 @@ void steer_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const char* src = static_cast<const char*>(job.h) + r * bytes;
     char* dst = static_cast<char*>(job.out) + r * bytes;
-    const int64_t e = t.K == 0 ? 0 : job.index ? job.index[r] : 1;
-    if (e == 0) {
+    const int64_t e = entry_of(job, r) - 1;
+    if (e < 0) {
       std::memcpy(dst, src, bytes);
       continue;
     }
-    const float n2 = load_row<T>(src, buf, d);
-    if (!condition_holds(t, e - 1, buf, n2)) {
+    const RowSums sums = read_row<T, false>(src, nullptr, nullptr, buf, d, first_direction(t, e),
+                                            condition_direction(t, e), r + 1 < r1 ? src + bytes : nullptr, nullptr);
+    if (!condition_holds(t, e, sums)) {
       std::memcpy(dst, src, bytes);
       continue;
     }
-    apply_entry<T>(t, e - 1, buf, n2, dst, false);
+    apply_entry<T>(t, e, buf, sums, dst, false);
   }
 }
 
@@ -373,15 +458,21 @@ void add_steer_rmsnorm_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
     const char* x = static_cast<const char*>(job.h) + r * bytes;
     char* res_out = static_cast<char*>(job.out) + r * bytes;
     char* y = static_cast<char*>(job.y) + r * bytes;
-    float ss;
+    const int64_t e = entry_of(job, r) - 1;
+    const float* p0 = e >= 0 ? first_direction(t, e) : nullptr;
+    const float* p1 = e >= 0 ? condition_direction(t, e) : nullptr;
+    const bool more = r + 1 < r1;
+    RowSums sums;
     if (job.residual) {
-      ss = add_row<T>(x, static_cast<const char*>(job.residual) + r * bytes, res_out, buf, d);
+      const char* res = static_cast<const char*>(job.residual) + r * bytes;
+      sums = read_row<T, true>(x, res, res_out, buf, d, p0, p1, more ? x + bytes : nullptr,
+                               more ? res + bytes : nullptr);
     } else {
-      ss = load_row<T>(x, buf, d);
+      sums = read_row<T, false>(x, nullptr, nullptr, buf, d, p0, p1, more ? x + bytes : nullptr, nullptr);
     }
-    const int64_t e = t.K == 0 ? 0 : job.index ? job.index[r] : 1;
-    if (e != 0 && condition_holds(t, e - 1, buf, ss)) {
-      ss = apply_entry<T>(t, e - 1, buf, ss, res_out, true);
+    float ss = sums.ss;
+    if (e >= 0 && condition_holds(t, e, sums)) {
+      ss = apply_entry<T>(t, e, buf, sums, res_out, true);
     } else if (!job.residual) {
       std::memcpy(res_out, x, bytes);  // bit-exact, NaN payloads included
     }

@@ -98,6 +98,7 @@ class Calibrator:
         self.progress = progress
         self.batches = to_batches(windows, batch_size)
         self.sites, self.layers = projection_sites(model)
+        self._greedy: Dict[tuple, Dict[Site, float]] = {}
         self.collected: Collected = self._collect(keep_block_windows=greedy_windows)
 
     def _collect(self, keep_block_windows: int = 0, sparsify=None) -> Collected:
@@ -122,9 +123,12 @@ class Calibrator:
         check_mode(mode)
         if check_allocation(allocation) == "uniform":
             return allocate.uniform(self.collected, sparsity)
-        prog = (lambda it: _progress(it, f"greedy {mode} {sparsity:g}", True)) if self.progress else None
-        with steered(self.model, self.steering):
-            return allocate.greedy(self.collected, mode, sparsity, step=step, progress=prog)
+        key = (mode, sparsity, float(step))
+        if key not in self._greedy:  # block replays are the costly part: keep their result
+            prog = (lambda it: _progress(it, f"greedy {mode} {sparsity:g}", True)) if self.progress else None
+            with steered(self.model, self.steering):
+                self._greedy[key] = allocate.greedy(self.collected, mode, sparsity, step=step, progress=prog)
+        return dict(self._greedy[key])
 
     def thresholds(self, levels: Dict[Site, float], mode: str = "wina") -> Dict[Site, float]:
         out = allocate.thresholds_for(self.collected, check_mode(mode), levels)
