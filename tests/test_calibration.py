@@ -317,3 +317,12 @@ def test_fused_projection_families_reach_target_and_match_the_patched_model(fami
             patched = model(input_ids=ids).logits
     assert (ref - dense).abs().max() > 1e-3
     torch.testing.assert_close(patched, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_steered_calibration_refuses_an_already_patched_model(llama, windows):
+    from steerkern.patching import patch
+
+    steering = SteeringPlan.add(torch.ones(64) * 0.1, alpha=1.0, site="pre")
+    with patch(llama, steering=steering):
+        with pytest.raises(ValueError, match="already patched"):
+            calibrate(llama, windows[0], 0.5, steering=steering, progress=False)

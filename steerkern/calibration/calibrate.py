@@ -38,6 +38,9 @@ def projection_sites(model: nn.Module) -> Tuple[Dict[Site, Projection], List[nn.
     for i, layer in enumerate(layers):
         for path, names in fam.projections:
             mod = _get(layer, path)
+            if type(mod).__name__ == "SparseLinear":
+                raise ValueError("model: its projections are patched for sparsity; unpatch it first "
+                                 "(steerkern.unpatch(model))")
             if mod is None or getattr(mod, "weight", None) is None:
                 raise ValueError(f"model: layer {i} has no projection at {path!r} ({fam.name} family)")
             widths = _part_widths(fam, path, names, mod, model.config) if len(names) > 1 else None
@@ -55,8 +58,12 @@ def steered(model: nn.Module, steering):
     if steering is None:
         yield
         return
-    from ..patching import patch
+    from ..patching import handle_of, patch
 
+    if handle_of(model) is not None:
+        # removing our patch afterwards would drop the user's
+        raise ValueError("model: already patched by steerkern; pass an unpatched model and give the "
+                         "steering plan as steering=")
     handle = patch(model, steering=steering)
     try:
         yield

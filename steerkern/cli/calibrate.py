@@ -102,7 +102,9 @@ def run(args) -> int:
     model, tok, name = load_model(args)
     windows = load_windows(args, tok)
     steering = load_steering(args)
-    calib, held = (split_windows(windows, args.held_out) if args.held_out > 0 else (windows, None))
+    calib, held = windows, None
+    if args.held_out > 0 and len(windows) * args.held_out >= 1:
+        calib, held = split_windows(windows, args.held_out)
     cal = Calibrator(model, calib, steering=steering, batch_size=args.batch_size,
                      greedy_windows=args.greedy_windows if args.allocation == "greedy" else 0,
                      progress=not args.no_progress)
