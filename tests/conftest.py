@@ -22,6 +22,12 @@ from typing import Callable, Dict, Optional, Sequence
 import pytest
 import torch
 
+# Without a GPU, run the Triton kernels in the CPU interpreter so that the one
+# test command covers them as well.  It has to be set before triton decorates
+# the kernels, i.e. before steerkern is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from steerkern import backends
 from steerkern.ops import reference as R
 from steerkern.ops.table import SteerTable

@@ -7,10 +7,10 @@
 //   W^T is read once and applied to every batch row with that row's own
 //   coefficient (0 where the row drops the input), so every row keeps its own
 //   exact mask.  The output columns are split over threads (isa_impl.h:
-//   sparse_cols).
-// * batch > 8 (prefill): the union of active inputs is nearly all of them, so
-//   the masked rows go through one dense fp32 GEMM (bf16/fp16 weights are
-//   widened to fp32 per call, a small cost next to the GEMM itself).
+//   sparse_cols).  Batches of 9-63 rows go through it in groups of 8.
+// * batch >= 64 (prefill): the union of active inputs is nearly all of them,
+//   so the masked rows go through one dense fp32 GEMM (bf16/fp16 weights are
+//   widened to fp32 per call, which the GEMM amortizes at that batch).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -24,6 +24,10 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kMaxSmallBatch = 8;
+// From this batch on, one dense GEMM (bf16/fp16 weights widened to fp32 per
+// call); below it, groups of 8 rows through the sparse kernel cost less
+// (measured at 4096 x 11008: equal at 64 rows, 2x faster at 9-16 rows).
+constexpr int64_t kMinGemmBatch = 64;
 constexpr int64_t kColumnBlock = 64;  // thread split granularity (whole cache lines)
 
 struct SparseArgs {
@@ -134,7 +138,7 @@ void mask_row(const float* score, int64_t n, const SparseArgs& a, uint8_t* flag)
 
 const float* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-// batch <= 8: one pass over the union of the rows' active inputs.
+// Up to 8 rows: one pass over the union of the rows' active inputs.
 void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   const Kernels& kern = kernels();
   const int64_t B = x.size(0), in = a.in;
@@ -181,7 +185,7 @@ void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   });
 }
 
-// batch > 8: masked rows in fp32, then one dense GEMM.
+// Prefill: masked rows in fp32, then one dense GEMM.
 void large_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   const Kernels& kern = kernels();
   const int64_t B = x.size(0), in = a.in;
@@ -208,10 +212,16 @@ void large_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
 at::Tensor sparse_linear_checked(const at::Tensor& x, const SparseArgs& a) {
   at::Tensor y = at::empty({x.size(0), a.out}, x.options());
   if (x.size(0) == 0 || a.out == 0) return y;
-  if (x.size(0) <= kMaxSmallBatch) {
-    small_batch(x, a, y);
-  } else {
+  const int64_t B = x.size(0);
+  if (B >= kMinGemmBatch) {
     large_batch(x, a, y);
+    return y;
+  }
+  // groups of up to 8 rows, each one pass over its union of active rows
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxSmallBatch) {
+    const int64_t nb = std::min(kMaxSmallBatch, B - b0);
+    at::Tensor yb = y.narrow(0, b0, nb);
+    small_batch(x.narrow(0, b0, nb), a, yb);
   }
   return y;
 }

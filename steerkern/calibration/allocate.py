@@ -98,24 +98,36 @@ def _greedy_block(collected: Collected, b: int, mode: str, target: float, step: 
 
     dense = [_output(layer(*c.args, **c.kwargs)).float() for c in calls]
     err = 0.0
+
+    def try_step(u):
+        """(cost, new level, block error) of raising unit ``u`` one step now."""
+        trial = list(level)
+        trial[u] = min(level[u] + step, MAX_LEVEL)
+        set_levels(trial)
+        e = _block_error(layer, calls, dense)
+        return (e - err) / (weight[u] * (trial[u] - level[u])), trial[u], e
+
+    # lazy greedy: a unit's cost changes little when another unit steps, so
+    # re-measure only the cheapest-looking one; accept it if it stays cheapest
+    known: List[Optional[tuple]] = [None] * len(unit_sites)
     with masked(projections, thresholds, scales):
         last = None
         while sum(w * lv for w, lv in zip(weight, level)) < target - 1e-9:
-            best = None
-            for u in range(len(unit_sites)):
-                if level[u] >= MAX_LEVEL - 1e-9:
-                    continue
-                trial = list(level)
-                trial[u] = min(level[u] + step, MAX_LEVEL)
-                set_levels(trial)
-                e = _block_error(layer, calls, dense)
-                cost = (e - err) / (weight[u] * (trial[u] - level[u]))
-                if best is None or cost < best[0]:
-                    best = (cost, u, trial[u], e)
-            if best is None:
+            open_units = [u for u in range(len(unit_sites)) if level[u] < MAX_LEVEL - 1e-9]
+            if not open_units:
                 raise ValueError(f"sparsity: {target} cannot be reached in block {b} "
                                  f"with every projection at most {MAX_LEVEL}")
-            _, u, level[u], err = best
+            for u in open_units:
+                if known[u] is None:
+                    known[u] = try_step(u) + (True,)
+            while True:
+                u = min(open_units, key=lambda v: known[v][0])
+                if known[u][3]:  # measured in the current state
+                    break
+                known[u] = try_step(u) + (True,)
+            _, level[u], err, _ = known[u]
+            known[u] = None
+            known = [None if k is None else k[:3] + (False,) for k in known]
             last = u
         # the last step may overshoot: take it back on the projection that made it
         over = sum(w * lv for w, lv in zip(weight, level)) - target
