@@ -149,7 +149,9 @@ def run(args) -> int:
         from ..calibration import calibrate, default_text_path, read_text, token_windows
 
         windows = token_windows(tok, read_text(default_text_path()), seq_len=64, max_windows=16)
+        # calibrate on the steered activations: steering shifts the distribution
         sparsity = calibrate(model, windows.to(args.device), args.sparsity, progress=True,
+                             steering=steering,
                              model_name=os.path.basename(args.model.rstrip("/")))
     batch = tok(args.prompt, return_tensors="pt", padding=True)
     batch = {k: batch[k].to(args.device) for k in ("input_ids", "attention_mask")}
