@@ -57,7 +57,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .ops.table import SteerEntry, SteerTable
+from .ops.table import SteerEntry, SteerTable, finite_scalar, float_tensor
 
 SITES = ("pre", "post_attn", "post_mlp")
 POSITION_MODES = ("all", "prompt", "generated")
@@ -71,17 +71,7 @@ _ENTRY_TENSORS = ("directions", "target", "vector", "scale", "shift", "condition
 _ENTRY_SCALARS = ("gain", "alpha", "threshold", "preserve_norm")
 
 
-def _f32(value, name: str) -> Tensor:
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name}: expected a tensor or a sequence of numbers") from None
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"{name}: expected floating-point values, got {t.dtype}")
-    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or inf")
-    return t
+_f32 = float_tensor
 
 
 def _layer_list(layers, name: str) -> Optional[List[int]]:
@@ -224,14 +214,7 @@ class Intervention:
                    coefficients=meta["coefficients"], positions=meta["positions"])
 
 
-def _finite(value, name: str) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{name}: must be finite, got {f}")
-    return f
+_finite = finite_scalar
 
 
 def _check_positions(p) -> Positions:

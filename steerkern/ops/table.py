@@ -27,6 +27,19 @@ def _as_f32(value, name: str, device=None) -> Tensor:
     return t.to(torch.float32)
 
 
+def float_tensor(value, name: str) -> Tensor:
+    """``value`` as a finite, contiguous fp32 CPU tensor, or a ValueError naming ``name``."""
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected a tensor or a sequence of numbers") from None
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name}: expected floating-point values, got {t.dtype}")
+    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    _check_finite(t, name)
+    return t
+
+
 def _check_finite(t: Tensor, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: contains NaN or inf")
@@ -242,7 +255,7 @@ class SteerTable:
                     if c.numel() != q.shape[0]:
                         raise ValueError(f"entries[{e}].target: expected shape [{q.shape[0]}], got {list(c.shape)}")
                     target[e, : q.shape[0]] = c
-                gain[e] = _finite_scalar(ent.gain, f"entries[{e}].gain")
+                gain[e] = finite_scalar(ent.gain, f"entries[{e}].gain")
             out.update(basis=basis, target=target, gain=gain)
         if any(ent.vector is not None for ent in entries):
             vec = torch.zeros(K, d, device=device)
@@ -250,7 +263,7 @@ class SteerTable:
             for e, ent in enumerate(entries):
                 if ent.vector is not None:
                     vec[e] = vec_of(ent.vector, "vector", e)
-                    alpha[e] = _finite_scalar(ent.alpha, f"entries[{e}].alpha")
+                    alpha[e] = finite_scalar(ent.alpha, f"entries[{e}].alpha")
             out.update(vec=vec, alpha=alpha)
         if any(ent.scale is not None for ent in entries):
             out["scale"] = torch.stack([
@@ -301,7 +314,8 @@ class SteerTable:
 _TABLE_TENSOR_NAMES = tuple(f.name for f in dataclasses.fields(SteerTable) if f.name != "hidden_size")
 
 
-def _finite_scalar(value, name: str) -> float:
+def finite_scalar(value, name: str) -> float:
+    """``value`` as a finite float, or a ValueError naming ``name``."""
     try:
         f = float(value)
     except (TypeError, ValueError):

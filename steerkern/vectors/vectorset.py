@@ -22,6 +22,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..ops.table import finite_scalar, float_tensor
+
 STREAM_SITES = ("pre", "post_mlp")
 SITES = ("pre", "post_attn", "post_mlp")
 
@@ -29,17 +31,9 @@ Coefficients = Union[float, Mapping[int, float]]
 
 
 def _as_vector(value, name: str) -> Tensor:
-    try:
-        t = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name}: expected a tensor or a sequence of numbers") from None
-    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"{name}: expected floating-point values, got {t.dtype}")
-    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    t = float_tensor(value, name)
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"{name}: expected shape [d], got {list(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or inf")
     return t
 
 
@@ -361,11 +355,4 @@ def compose(terms: Sequence[Tuple[VectorSet, Coefficients]]) -> VectorSet:
     return out
 
 
-def _finite(value, name: str) -> float:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number, got {value!r}") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{name}: must be finite, got {f}")
-    return f
+_finite = finite_scalar
