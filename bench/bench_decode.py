@@ -128,11 +128,16 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(2.6 * len(groups) + 2, 4))
     width = 0.8 / len(PROVIDERS)
     for k, prov in enumerate(PROVIDERS):
-        vals = [results["runs"][s][dt][prov] for s, dt in groups]
-        ax.bar([i + k * width for i in range(len(groups))], vals, width, label=prov)
+        # relative to unpatched, so shapes of very different speed share one axis
+        vals = [results["runs"][s][dt][prov] / results["runs"][s][dt]["unpatched"] for s, dt in groups]
+        bars = ax.bar([i + k * width for i in range(len(groups))], vals, width, label=prov)
+        ax.bar_label(bars, labels=[f"{results['runs'][s][dt][prov]:.3g}" for s, dt in groups],
+                     fontsize=6, rotation=90, padding=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
     ax.set_xticklabels([f"{s}\n{dt}" for s, dt in groups])
-    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("decode speed / unpatched (batch 1; bars: tokens/s)")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
     ax.set_title(f"steerkern decode, {results['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
