@@ -10,9 +10,11 @@
   its row through the KV cache, and turns each steering slot's position mode
   and variant map into the per-row table index of the steer op.
 
-The modules call the ``torch.ops.steerkern`` ops directly: the tables and
-prepared weights were validated once, at patch time, so the per-call Python
-argument checks of :mod:`steerkern.ops` are skipped on this hot path.
+The modules call the steerkern ops through :func:`steerkern.ops.library.hot`
+(the custom op under torch.compile, its implementation directly in eager
+inference): the tables and prepared weights were validated once, at patch
+time, so the per-call Python argument checks of :mod:`steerkern.ops` are
+skipped on this hot path.
 """
 from __future__ import annotations
 
@@ -151,7 +153,7 @@ class SiteSteer(nn.Module):
         return self
 
     def forward(self, h: Tensor) -> Tensor:
-        steer = library.op("steer")
+        steer = library.hot("steer", h)
         for table, slot in zip(self.tables, self.slots):
             h = steer(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
         return h
@@ -159,7 +161,7 @@ class SiteSteer(nn.Module):
     def add_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float,
                  weight_offset: float) -> Tuple[Tensor, Tensor]:
         """``r = steer(x + residual)``, ``y = rmsnorm(r)``: the last table fused with the norm."""
-        fused = library.op("add_steer_rmsnorm")
+        fused = library.hot("add_steer_rmsnorm", x)
         *first, last = range(len(self.tables))
         if first:
             x = self.forward_slots(x + residual, first)
@@ -169,7 +171,7 @@ class SiteSteer(nn.Module):
                      *table.tensors(), backend=self.backend)
 
     def forward_slots(self, h: Tensor, which) -> Tensor:
-        steer = library.op("steer")
+        steer = library.hot("steer", h)
         for i in which:
             h = steer(h, self.tracker.index(self.slots[i], h), *self.tables[i].tensors(), backend=self.backend)
         return h
@@ -246,7 +248,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 1 or x.shape[-2] == 1:
-            op = library.op("sparse_linear")
+            op = library.hot("sparse_linear", x)
             outs = [op(x, p.weight_t, p.bias, p.scale, t, -1, backend=self.backend)
                     for p, t in zip(self.parts, self.thresholds)]
         else:

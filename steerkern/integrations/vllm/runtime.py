@@ -42,8 +42,6 @@ from .spec import SteeringLibrary, has_steering
 
 log = logging.getLogger("steerkern.vllm")
 
-_STEER = library.op("steer")
-_ADD_STEER_RMSNORM = library.op("add_steer_rmsnorm")
 
 Key = Tuple[int, str, int]   # (layer, site, depth): depth orders interventions at one site
 Location = Tuple[str, int]   # ("in", L): input norm of layer L (L == num_layers: final norm); ("mid", L)
@@ -254,7 +252,7 @@ class SteeringRuntime:
     def steer_stream(self, loc: Location, h: Tensor) -> Tensor:
         """Steer an unnormalized stream (the first layer's input)."""
         for s in self.steps_at(loc) or ():
-            h = _STEER(h, s.index, *s.table.tensors())
+            h = library.hot("steer", h)(h, s.index, *s.table.tensors())
         return h
 
     def steer_norm(self, loc: Location, norm: nn.Module, orig: Callable, x: Tensor,
@@ -264,13 +262,13 @@ class SteeringRuntime:
         weight, eps = norm.weight, float(norm.variance_epsilon)
         if len(steps) == 1 and steps[0].all_rows:
             s = steps[0]
-            r, y = _ADD_STEER_RMSNORM(x, residual, weight, eps, 0.0, s.index, *s.table.tensors())
+            r, y = library.hot("add_steer_rmsnorm", x)(x, residual, weight, eps, 0.0, s.index, *s.table.tensors())
             return y, r
         y0, r = orig(x, residual)  # vLLM's own result, kept for the unsteered rows
         for s in steps[:-1]:
-            r = _STEER(r, s.index, *s.table.tensors())
+            r = library.hot("steer", r)(r, s.index, *s.table.tensors())
         last = steps[-1]
-        r, y = _ADD_STEER_RMSNORM(r, None, weight, eps, 0.0, last.index, *last.table.tensors())
+        r, y = library.hot("add_steer_rmsnorm", r)(r, None, weight, eps, 0.0, last.index, *last.table.tensors())
         if not all(s.all_rows for s in steps):
             y = torch.where(self.current.masks[loc][:, None], y, y0)
         return y, r
