@@ -54,3 +54,4 @@ def test_torch_compile_sees_the_op():
     out = torch.compile(f, backend="eager", fullgraph=True)(h)
     assert seen and all(seen)
     assert torch.equal(out, library.op("steer")(h, None, *table.tensors()))
+

@@ -247,3 +247,10 @@ def test_from_linear_rejects_bad_input(kwargs, message):
 def test_sparse_weight_validates_at_construction(parts, message):
     with pytest.raises(ValueError, match=message):
         SparseWeight(**parts)
+
+
+def test_entry_components_must_be_numbers():
+    with pytest.raises(ValueError, match=r"entries\[0\]\.vector"):
+        SteerTable.from_entries([SteerEntry(vector=torch.ones(16, dtype=torch.bool))], 16)
+    with pytest.raises(ValueError, match=r"entries\[0\]\.vector"):
+        SteerTable.from_entries([SteerEntry(vector="sixteen")], 16)

@@ -21,9 +21,12 @@ TensorLike = Union[Tensor, Sequence[float]]
 
 
 def _as_f32(value, name: str, device=None) -> Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32, device=device)
-    if not t.is_floating_point():
-        raise ValueError(f"{name}: expected floating-point values")
+    try:
+        t = torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected a tensor or a sequence of numbers") from None
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name}: expected floating-point values, got {t.dtype}")
     return t.to(torch.float32)
 
 
