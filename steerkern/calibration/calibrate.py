@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..patching.patch import _part_widths
-from ..patching.registry import _get, family_for
+from ..patching.registry import submodule, family_for
 from ..plan import SPARSITY_MODES, SparsityPlan
 from . import allocate
 from .collect import Collected, Projection, Site, collect, masked, realized_sparsity, _progress
@@ -37,7 +37,7 @@ def projection_sites(model: nn.Module) -> Tuple[Dict[Site, Projection], List[nn.
     sites: Dict[Site, Projection] = {}
     for i, layer in enumerate(layers):
         for path, names in fam.projections:
-            mod = _get(layer, path)
+            mod = submodule(layer, path)
             if type(mod).__name__ == "SparseLinear":
                 raise ValueError("model: its projections are patched for sparsity; unpatch it first "
                                  "(steerkern.unpatch(model))")

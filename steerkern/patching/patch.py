@@ -342,7 +342,7 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
         layer.steerkern = LayerSteering(layer, made.get("pre"), made.get("post_attn"), made.get("post_mlp"),
                                         family.mlp_norm, family.norm_offset)
         if family.post_attn_module and "post_attn" in made:
-            target = registry._get(layer, family.post_attn_module)
+            target = registry.submodule(layer, family.post_attn_module)
             target.forward = wrap_module_output(target, made["post_attn"])
             handle._wrapped.append(target)
         layer.forward = types.MethodType(forward, layer)
@@ -369,7 +369,7 @@ def _sparse_jobs(family, layers, plan: SparsityPlan, config, old: Optional[Patch
                 raise ValueError(f"sparsity: layer {i}: {path} computes {list(names)} in one fused projection; "
                                  f"give thresholds for all of them or none")
             *parent_path, name = path.split(".")
-            parent = registry._get(layer, ".".join(parent_path))
+            parent = registry.submodule(layer, ".".join(parent_path))
             original = getattr(parent, name)
             if id(original) in swapped:
                 original, prev = swapped[id(original)]

@@ -61,14 +61,15 @@ class Family:
     def find_layers(self, model: nn.Module) -> Optional[Tuple[nn.Module, str, nn.ModuleList]]:
         """``(owner, attribute, layers)`` for ``model``, or None."""
         for owner_path, attr in self.layer_paths:
-            owner = _get(model, owner_path)
+            owner = submodule(model, owner_path)
             layers = getattr(owner, attr, None) if owner is not None else None
             if isinstance(layers, nn.ModuleList) and len(layers):
                 return owner, attr, layers
         return None
 
 
-def _get(root: nn.Module, path: str):
+def submodule(root: nn.Module, path: str):
+    """The module at dotted ``path`` under ``root`` ('' is root itself), or None."""
     obj = root
     for part in filter(None, path.split(".")):
         obj = getattr(obj, part, None)

@@ -55,15 +55,6 @@ def _orthonormal(directions, d: Optional[int]) -> Tensor:
     return q
 
 
-def _get(root: nn.Module, path: str):
-    obj = root
-    for part in filter(None, path.split(".")):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 class Orthogonalization:
     """The baked weights of one :func:`orthogonalize` call; :meth:`restore`
     puts the originals back bit-exactly (also on ``with`` exit)."""
@@ -131,13 +122,13 @@ def orthogonalize(model: nn.Module, directions, *, keep_on: Optional[str] = "cpu
         raise ValueError(f"model: input embeddings are a {type(emb).__name__}, not an nn.Embedding")
     targets: List[Tuple[str, nn.Module, str]] = [("embeddings", emb, "embedding")]
     for path in _POSITION_EMBEDDINGS.get(family.name, ()):
-        pos = _get(model, path)
+        pos = registry.submodule(model, path)
         if isinstance(pos, nn.Embedding):
             targets.append((path, pos, "embedding"))
             break
     for i, layer in enumerate(layers):
         for proj in ("o_proj", "down_proj"):
-            mod = _get(layer, paths[proj])
+            mod = registry.submodule(layer, paths[proj])
             if isinstance(mod, nn.Linear):
                 targets.append((f"layers.{i}.{paths[proj]}", mod, "linear"))
             elif type(mod).__name__ == "Conv1D":
