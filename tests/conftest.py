@@ -16,6 +16,7 @@ helpers say so.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Dict, Optional, Sequence
 
@@ -28,7 +29,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from steerkern import backends
+from steerkern import SparseWeight, backends
 from steerkern.ops import reference as R
 from steerkern.ops.table import SteerTable
 
@@ -456,4 +457,23 @@ try:
 except ImportError:  # the property tests skip themselves
     pass
 
+
+# ------------------------------------------------- shared case builders
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, d]``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def flat_index(index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-row index flattened to int32, as the kernels receive it."""
+    return None if index is None else index.reshape(-1).to(torch.int32)
+
+
+def make_weight(gen, n_in, n_out, wdtype, mode, bias=True):
+    """A random prepared weight; ``mode`` is ``wina``/``teal`` (or ``wina_topk`` etc.)."""
+    W = torch.randn(n_out, n_in, generator=gen) / math.sqrt(max(n_in, 1))
+    W = W * (torch.rand(n_in, generator=gen) * 2 + 0.25)  # unequal column norms, so WINA differs from TEAL
+    b = torch.randn(n_out, generator=gen).to(wdtype) if bias else None
+    return SparseWeight.from_linear(W, b, mode=mode.split("_")[0], dtype=wdtype)
 

@@ -11,17 +11,16 @@ an op.  Skipped without a GPU.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import steerkern
-from steerkern import SparseWeight, SteerTable, backends
+from steerkern import SparseWeight, backends
 from steerkern.ops import library, reference as R
 
 import conftest as oracle
 from conftest import (
+    flat_index, make_weight, rows_of,
     COMPONENTS, DTYPES, assert_bit_exact, best_topk, cycling_index, make_table, robust_conditions,
     robust_threshold, score_of, stable_threshold_rows, stable_topk_rows,
 )
@@ -55,19 +54,10 @@ def gpu_weight(sw: SparseWeight) -> SparseWeight:
     return SparseWeight(move(sw.weight_t), move(sw.bias), move(sw.scale))
 
 
-def make_weight(gen, n_in, n_out, wdtype, mode, bias=True):
-    W = torch.randn(n_out, n_in, generator=gen) / math.sqrt(max(n_in, 1))
-    W = W * (torch.rand(n_in, generator=gen) * 2 + 0.25)  # unequal column norms: WINA != TEAL
-    b = torch.randn(n_out, generator=gen).to(wdtype) if bias else None
-    return SparseWeight.from_linear(W, b, mode=mode, dtype=wdtype)
 
 
-def _rows(t):
-    return t.reshape(-1, t.shape[-1])
 
 
-def _flat(index):
-    return None if index is None else index.reshape(-1).to(torch.int32)
 
 
 # ------------------------------------------------------------------ steer
@@ -98,10 +88,10 @@ def check_steer(backend, h, table, index, what):
     out = steerkern.steer(h.to(CUDA), table.to(CUDA), None if index is None else index.to(CUDA),
                           backend=backend).cpu()
     assert out.shape == h.shape, what
-    h2, idx = _rows(h), _flat(index)
-    oracle.check_steer(_rows(out), h2, table, idx, what)
+    h2, idx = rows_of(h), flat_index(index)
+    oracle.check_steer(rows_of(out), h2, table, idx, what)
     if idx is not None:
-        assert_bit_exact(_rows(out)[idx == 0], h2[idx == 0], f"{what}: index-0 rows")
+        assert_bit_exact(rows_of(out)[idx == 0], h2[idx == 0], f"{what}: index-0 rows")
 
 
 @dtypes
@@ -167,9 +157,9 @@ def check_add_steer_rmsnorm(backend, x, residual, weight, eps, table, index, wei
                                        table=None if table is None else table.to(CUDA), index=move(index),
                                        weight_offset=weight_offset, backend=backend)
     assert r.shape == x.shape and y.shape == x.shape, what
-    x2, idx = _rows(x), _flat(index)
-    res2 = None if residual is None else _rows(residual)
-    r, y = _rows(r.cpu()), _rows(y.cpu())
+    x2, idx = rows_of(x), flat_index(index)
+    res2 = None if residual is None else rows_of(residual)
+    r, y = rows_of(r.cpu()), rows_of(y.cpu())
     oracle.check_add_steer_rmsnorm(r, y, x2, res2, weight, eps, weight_offset, table, idx, what)
     if idx is not None:
         summed = x2 if res2 is None else (x2.float() + res2.float()).to(x.dtype)
@@ -225,7 +215,7 @@ def check_sparse_linear(backend, x, sw, threshold, topk, what, keep_rows=None):
     y = steerkern.sparse_linear(x.to(CUDA), gpu_weight(sw), threshold=threshold, topk=topk,
                                 backend=backend).cpu()
     assert y.shape == (*x.shape[:-1], sw.out_features), what
-    x2, y2 = _rows(x), _rows(y)
+    x2, y2 = rows_of(x), rows_of(y)
     t, k = torch.tensor(threshold, dtype=torch.float32), -1 if topk is None else topk
     if keep_rows is not None:  # leave out rows whose decisions sit within rounding of the boundary
         x2, y2 = x2[keep_rows], y2[keep_rows]
@@ -238,7 +228,7 @@ def check_sparse_linear(backend, x, sw, threshold, topk, what, keep_rows=None):
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
 def test_sparse_linear_decode_batches_for_each_dtype_pair(backend, gen, dtype, wdtype, mode, rows):
     n_in, n_out = 512, 384
-    sw = make_weight(gen, n_in, n_out, wdtype, mode.split("_")[0])
+    sw = make_weight(gen, n_in, n_out, wdtype, mode)
     x = torch.randn(rows, n_in, generator=gen).to(dtype)
     threshold, topk = sparsity_for(mode, score_of(x, sw.scale), dtype)
     check_sparse_linear(backend, x, sw, threshold, topk, f"sparse_linear[{backend}] {mode} {rows} rows "
@@ -264,9 +254,9 @@ SPARSE_SHAPES = [
 @pytest.mark.parametrize("mode", ["wina_threshold", "teal_topk"])
 @pytest.mark.parametrize("lead, n_in, n_out", SPARSE_SHAPES)
 def test_sparse_linear_matches_reference_across_shapes(backend, gen, dtype, mode, lead, n_in, n_out):
-    sw = make_weight(gen, n_in, n_out, dtype, mode.split("_")[0])
+    sw = make_weight(gen, n_in, n_out, dtype, mode)
     x = torch.randn(*lead, n_in, generator=gen).to(dtype)
-    score = score_of(_rows(x), sw.scale)
+    score = score_of(rows_of(x), sw.scale)
     threshold, topk = sparsity_for(mode, score, dtype)
     keep = (stable_threshold_rows(score, threshold, dtype) if topk is None
             else stable_topk_rows(score, topk, dtype))
@@ -344,11 +334,11 @@ def test_sparse_linear_leaves_the_bias_alone(backend, gen):
 def test_steer_sparse_linear_matches_reference(backend, gen, dtype, wdtype, mode, rows):
     d, n_out = 768, 200
     table = make_table(d, gen, K=3)
-    sw = make_weight(gen, d, n_out, wdtype, mode.split("_")[0])
+    sw = make_weight(gen, d, n_out, wdtype, mode)
     h = torch.randn(rows, d, generator=gen).to(dtype)
     robust_conditions(h, table)
     index = cycling_index((rows,), 3, gen)
-    idx = _flat(index)
+    idx = flat_index(index)
     steered = R.steer(h, idx, *table.tensors(), acc=torch.float64)
     score = score_of(steered, sw.scale)
     threshold, topk = sparsity_for(mode, score, dtype)

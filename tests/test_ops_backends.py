@@ -8,17 +8,15 @@ leading shape [2, 3].
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import pytest
 import torch
 
 import steerkern
-from steerkern import SparseWeight, SteerTable
+from steerkern import SteerTable
 from steerkern.ops import reference as R
 
 from conftest import (
+    flat_index, make_weight, rows_of,
     COMPONENTS, DTYPES, assert_bit_exact, best_topk, check_add_steer_rmsnorm, check_sparse_linear,
     check_steer, check_steer_sparse_linear, cycling_index, fit_shape, make_table, robust_conditions,
     robust_threshold, score_of, stable_threshold_rows, stable_topk_rows,
@@ -60,12 +58,8 @@ TABLE_KINDS = {
 }
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
-def _flat(index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if index is None else index.reshape(-1).to(torch.int32)
 
 
 # ------------------------------------------------------------------ steer
@@ -74,11 +68,11 @@ def _flat(index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def run_steer(backend, h, table, index, what):
     out = steerkern.steer(h, table, index, backend=backend)
     assert out.shape == h.shape, what
-    h2, idx = _rows(h), _flat(index)
-    check_steer(_rows(out), h2, table, idx, what)
+    h2, idx = rows_of(h), flat_index(index)
+    check_steer(rows_of(out), h2, table, idx, what)
     if idx is not None:
         off = idx == 0
-        assert_bit_exact(_rows(out)[off], h2[off], f"{what}: index-0 rows")
+        assert_bit_exact(rows_of(out)[off], h2[off], f"{what}: index-0 rows")
 
 
 @dtypes
@@ -146,8 +140,8 @@ def run_add_steer_rmsnorm(backend, x, residual, weight, eps, table, index, weigh
     r, y = steerkern.add_steer_rmsnorm(x, residual, weight, eps, table=table, index=index,
                                        weight_offset=weight_offset, backend=backend)
     assert r.shape == x.shape and y.shape == x.shape, what
-    check_add_steer_rmsnorm(_rows(r), _rows(y), _rows(x), None if residual is None else _rows(residual),
-                            weight, eps, weight_offset, table, _flat(index), what)
+    check_add_steer_rmsnorm(rows_of(r), rows_of(y), rows_of(x), None if residual is None else rows_of(residual),
+                            weight, eps, weight_offset, table, flat_index(index), what)
 
 
 @dtypes
@@ -194,11 +188,6 @@ def test_add_steer_rmsnorm_variants(backend, gen, dtype, variant):
 SPARSE_MODES = ["teal_threshold", "wina_threshold", "teal_topk", "wina_topk"]
 
 
-def make_weight(gen, n_in, n_out, wdtype, mode, bias=True):
-    W = torch.randn(n_out, n_in, generator=gen) / math.sqrt(max(n_in, 1))
-    W = W * (torch.rand(n_in, generator=gen) * 2 + 0.25)  # unequal column norms, so WINA differs from TEAL
-    b = torch.randn(n_out, generator=gen).to(wdtype) if bias else None
-    return SparseWeight.from_linear(W, b, mode=mode.split("_")[0], dtype=wdtype)
 
 
 def sparsity_for(mode, score, dtype):
@@ -211,7 +200,7 @@ def sparsity_for(mode, score, dtype):
 def run_sparse_linear(backend, x, sw, threshold, topk, what):
     y = steerkern.sparse_linear(x, sw, threshold=threshold, topk=topk, backend=backend)
     assert y.shape == (*x.shape[:-1], sw.out_features), what
-    check_sparse_linear(_rows(y), _rows(x), sw, torch.tensor(threshold, dtype=torch.float32),
+    check_sparse_linear(rows_of(y), rows_of(x), sw, torch.tensor(threshold, dtype=torch.float32),
                         -1 if topk is None else topk, what)
 
 
@@ -233,7 +222,7 @@ def test_sparse_linear_matches_reference_across_shapes(backend, gen, dtype, mode
     lead, n_in, n_out = fit_shape(backend, lead, n_in, n_out)
     sw = make_weight(gen, n_in, n_out, dtype, mode)
     x = torch.randn(*lead, n_in, generator=gen).to(dtype)
-    threshold, topk = sparsity_for(mode, score_of(_rows(x), sw.scale), dtype)
+    threshold, topk = sparsity_for(mode, score_of(rows_of(x), sw.scale), dtype)
     run_sparse_linear(backend, x, sw, threshold, topk,
                         f"sparse_linear[{backend}] {mode} {dtype} {lead}x{n_in}->{n_out}")
 
@@ -293,7 +282,7 @@ def test_sparse_linear_rows_get_their_own_topk_masks(backend, gen):
 
 
 def run_steer_sparse_linear(backend, h, table, index, sw, mode, what):
-    h2, idx = _rows(h), _flat(index)
+    h2, idx = rows_of(h), flat_index(index)
     tensors = table.tensors() if table is not None else (None,) * len(SteerTable.tensor_names())
     score = score_of(R.steer(h2, idx, *tensors, acc=torch.float64), sw.scale)
     threshold, topk = sparsity_for(mode, score, h.dtype)
@@ -303,7 +292,7 @@ def run_steer_sparse_linear(backend, h, table, index, sw, mode, what):
     assert h2.shape[0] == 0 or bool(keep.any()), f"{what}: every row's decisions are fragile; change the seed"
     y = steerkern.steer_sparse_linear(h, table, sw, index, threshold=threshold, topk=topk, backend=backend)
     assert y.shape == (*h.shape[:-1], sw.out_features), what
-    check_steer_sparse_linear(_rows(y), h2, table, idx, sw, torch.tensor(threshold, dtype=torch.float32), k,
+    check_steer_sparse_linear(rows_of(y), h2, table, idx, sw, torch.tensor(threshold, dtype=torch.float32), k,
                               what, keep_rows=keep)
 
 
