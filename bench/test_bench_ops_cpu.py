@@ -88,3 +88,15 @@ def test_add_steer_rmsnorm(benchmark, dtype):
     torch.testing.assert_close(r.double(), r64.double(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y.double(), y64.double(), rtol=2e-2, atol=5e-2)
     benchmark(ext.add_steer_rmsnorm, x, res, w, 1e-6, 0.0, None, *table.tensors())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_steer_in_place(benchmark, dtype):
+    table = _table(D)
+    h = torch.randn(512, D).to(dtype)
+    ext = cpu_kernels._ext
+    want = R.steer(h, None, *table.tensors(), acc=torch.float64)
+    got = h.clone()
+    ext.steer_(got, None, *table.tensors())
+    torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)
+    benchmark(ext.steer_, got, None, *table.tensors())  # steering again and again: the values stay finite

@@ -14,9 +14,11 @@ from .ops import (
     SteerEntry,
     SteerTable,
     add_steer_rmsnorm,
+    add_steer_rmsnorm_,
     orthonormalize,
     sparse_linear,
     steer,
+    steer_,
     steer_sparse_linear,
 )
 from . import kernels  # registers the kernel backends

@@ -29,7 +29,9 @@ import warnings
 from typing import Callable, Dict, Iterator, List, Optional
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-OPS = ("steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear")
+OPS = ("steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear", "steer_", "add_steer_rmsnorm_")
+# in-place op -> the op whose result it writes back into its inputs
+IN_PLACE = {"steer_": "steer", "add_steer_rmsnorm_": "add_steer_rmsnorm"}
 ENV_VAR = "STEERKERN_BACKEND"
 
 # device type -> default order of preference
@@ -48,13 +50,47 @@ _UNAVAILABLE: Dict[str, str] = {}
 _local = threading.local()
 
 
+# (in-place op, backend) pairs served by writing back the out-of-place result
+_WRITE_BACK = set()
+
+
+def _write_back(op: str, fn: Callable) -> Callable:
+    """An in-place op from its out-of-place implementation: correct everywhere,
+    but it allocates and copies, so a backend that can do better registers its own."""
+    if op == "steer_":
+        def steer_(h, *args):
+            h.copy_(fn(h, *args))
+        return steer_
+
+    def add_steer_rmsnorm_(x, residual, *args):
+        r, y = fn(x, residual, *args)
+        residual.copy_(r)
+        x.copy_(y)
+    return add_steer_rmsnorm_
+
+
 def register(op: str, backend: str, fn: Callable) -> None:
-    """Register ``fn`` as ``backend``'s implementation of ``op``."""
+    """Register ``fn`` as ``backend``'s implementation of ``op``.
+
+    Registering ``steer`` or ``add_steer_rmsnorm`` also provides the in-place
+    twin (``steer_``, ``add_steer_rmsnorm_``) by writing the result back,
+    unless the backend registers a native one (before or after).
+    """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {OPS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
     _IMPLS[(op, backend)] = fn
+    _WRITE_BACK.discard((op, backend))
+    for twin, base in IN_PLACE.items():
+        if base == op and ((twin, backend) not in _IMPLS or (twin, backend) in _WRITE_BACK):
+            _IMPLS[(twin, backend)] = _write_back(twin, fn)
+            _WRITE_BACK.add((twin, backend))
+
+
+def writes_back(op: str, backend: str) -> bool:
+    """Whether ``backend`` serves the in-place ``op`` by copying an out-of-place result."""
+    return (op, backend) in _WRITE_BACK
 
 
 def register_backend(backend: str, serves: Callable[[str], bool]) -> None:

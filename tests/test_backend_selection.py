@@ -50,6 +50,8 @@ def call_every_op(backend="auto"):
     steerkern.add_steer_rmsnorm(h, None, torch.ones(D), 1e-6, table=table, backend=backend)
     steerkern.sparse_linear(h, sw, backend=backend)
     steerkern.steer_sparse_linear(h, table, sw, backend=backend)
+    steerkern.steer_(h.clone(), table, backend=backend)
+    steerkern.add_steer_rmsnorm_(h.clone(), h.clone(), torch.ones(D), 1e-6, table=table, backend=backend)
 
 
 def test_ci_requires_the_cpu_extension():
@@ -231,3 +233,16 @@ def test_a_backend_marked_unavailable_says_why(monkeypatch):
     with pytest.raises(ValueError, match=r"backend 'triton' cannot run steer on cpu: no triton here \(test\)"):
         backends.choose("steer", "cpu", "triton")
     assert "triton backend unavailable: no triton here (test)" in backends.report()
+
+
+def test_in_place_ops_come_with_every_out_of_place_backend():
+    for backend in backends.BACKENDS:
+        for twin, base in backends.IN_PLACE.items():
+            assert ((base, backend) in backends._IMPLS) == ((twin, backend) in backends._IMPLS), (twin, backend)
+
+
+def test_the_cpu_kernels_do_the_in_place_ops_natively():
+    if not backends.available("cpu", "cpu"):
+        pytest.skip("C++ CPU backend not built")
+    assert not backends.writes_back("steer_", "cpu")
+    assert not backends.writes_back("add_steer_rmsnorm_", "cpu")

@@ -179,6 +179,23 @@ def test_add_steer_rmsnorm_matches_reference_across_shapes(backend, gen, dtype, 
 
 
 @dtypes
+@pytest.mark.parametrize("d", [2048, 12288], ids=["d2048", "long_rows"])
+def test_in_place_ops_write_what_the_out_of_place_ops_return(backend, gen, dtype, d):
+    table = make_table(d, gen, K=2).to(CUDA)
+    index = cycling_index((5,), 2, gen).to(CUDA)
+    h = torch.randn(5, d, generator=gen).to(dtype).to(CUDA)
+    want = steerkern.steer(h, table, index, backend=backend)
+    steerkern.steer_(h, table, index, backend=backend)
+    assert_bit_exact(h.cpu(), want.cpu(), f"steer_[{backend}] {dtype} d={d}")
+    x, residual = h.clone(), torch.randn(5, d, generator=gen).to(dtype).to(CUDA)
+    weight = (torch.rand(d, generator=gen) + 0.5).to(CUDA)
+    r, y = steerkern.add_steer_rmsnorm(x, residual, weight, 1e-6, table=table, index=index, backend=backend)
+    steerkern.add_steer_rmsnorm_(x, residual, weight, 1e-6, table=table, index=index, backend=backend)
+    assert_bit_exact(residual.cpu(), r.cpu(), f"add_steer_rmsnorm_[{backend}] r")
+    assert_bit_exact(x.cpu(), y.cpu(), f"add_steer_rmsnorm_[{backend}] y")
+
+
+@dtypes
 @pytest.mark.parametrize("variant", ["no_residual", "gemma_weight_offset", "weight_in_x_dtype", "index_none",
                                      "no_table", "long_rows"])
 def test_add_steer_rmsnorm_variants(backend, gen, dtype, variant):

@@ -183,6 +183,57 @@ def test_add_steer_rmsnorm_variants(backend, gen, dtype, variant):
                             f"add_steer_rmsnorm[{backend}] {variant} {dtype}")
 
 
+# ------------------------------------------------------------------ in place
+
+
+@dtypes
+@pytest.mark.parametrize("lead, d", SHAPES)
+def test_steer_in_place_writes_what_steer_returns(backend, gen, dtype, lead, d):
+    lead, d = fit_shape(backend, lead, d)
+    table = make_table(d, gen, K=3)
+    h = torch.randn(*lead, d, generator=gen).to(dtype)
+    robust_conditions(h, table)
+    index = cycling_index(lead, 3, gen)
+    h_in = h.clone()
+    out = steerkern.steer_(h, table, index, backend=backend)
+    assert out is h
+    what = f"steer_[{backend}] {dtype} {lead}x{d}"
+    check_steer(rows_of(h), rows_of(h_in), table, flat_index(index), what)
+    assert_bit_exact(h, steerkern.steer(h_in, table, index, backend=backend), f"{what}: vs steer")
+
+
+@dtypes
+def test_steer_in_place_writes_through_a_strided_view(backend, gen, dtype):
+    table = make_table(12, gen, K=1)
+    base = torch.randn(12, 6, generator=gen).to(dtype)
+    h = base.T  # [6, 12], not contiguous
+    robust_conditions(h.contiguous(), table)
+    want = steerkern.steer(h.contiguous(), table, backend=backend)
+    steerkern.steer_(h, table, backend=backend)
+    assert_bit_exact(base.T, want, f"steer_[{backend}] strided {dtype}")
+
+
+@dtypes
+@pytest.mark.parametrize("lead, d", SHAPES)
+def test_add_steer_rmsnorm_in_place_writes_r_to_residual_and_y_to_x(backend, gen, dtype, lead, d):
+    lead, d = fit_shape(backend, lead, d)
+    table = make_table(d, gen, K=3)
+    x = torch.randn(*lead, d, generator=gen).to(dtype)
+    residual = torch.randn(*lead, d, generator=gen).to(dtype)
+    robust_conditions((x.float() + residual.float()).to(dtype), table)
+    weight = torch.rand(d, generator=gen) + 0.5
+    index = cycling_index(lead, 3, gen)
+    x_in, res_in = x.clone(), residual.clone()
+    r, y = steerkern.add_steer_rmsnorm_(x, residual, weight, 1e-6, table=table, index=index, backend=backend)
+    assert r is residual and y is x
+    what = f"add_steer_rmsnorm_[{backend}] {dtype} {lead}x{d}"
+    check_add_steer_rmsnorm(rows_of(residual), rows_of(x), rows_of(x_in), rows_of(res_in), weight, 1e-6, 0.0,
+                            table, flat_index(index), what)
+    r2, y2 = steerkern.add_steer_rmsnorm(x_in, res_in, weight, 1e-6, table=table, index=index, backend=backend)
+    assert_bit_exact(residual, r2, f"{what}: r vs add_steer_rmsnorm")
+    assert_bit_exact(x, y2, f"{what}: y vs add_steer_rmsnorm")
+
+
 # ------------------------------------------------------------------ sparse_linear
 
 SPARSE_MODES = ["teal_threshold", "wina_threshold", "teal_topk", "wina_topk"]

@@ -270,3 +270,64 @@ def test_the_cpu_op_rejects_a_bad_index_past_the_python_checks(table):
     h = torch.randn(2, D)
     with pytest.raises(RuntimeError):
         torch.ops.steerkern.steer(h, torch.tensor([0, 7], dtype=torch.int32), *table.tensors(), backend="cpu")
+
+
+# ------------------------------------------------------------------ in-place ops
+
+
+def test_in_place_rms_needs_a_residual(table):
+    with pytest.raises(ValueError, match="residual: required by the in-place op"):
+        steerkern.add_steer_rmsnorm_(torch.randn(2, D), None, torch.ones(D), 1e-6, table=table)
+
+
+@pytest.mark.parametrize("alias", ["same", "overlapping"])
+def test_in_place_rms_rejects_a_residual_sharing_memory_with_x(table, alias):
+    buf = torch.randn(3 * D)
+    x = buf[:2 * D].view(2, D)
+    residual = x if alias == "same" else buf[D:].view(2, D)
+    before = buf.clone()
+    with pytest.raises(ValueError, match="residual: shares memory with x"):
+        steerkern.add_steer_rmsnorm_(x, residual, torch.ones(D), 1e-6, table=table)
+    assert torch.equal(buf, before)
+
+
+def test_in_place_rms_accepts_halves_of_one_buffer(table):
+    buf = torch.randn(4, D)
+    x, residual = buf[:2], buf[2:]
+    want_r, want_y = steerkern.add_steer_rmsnorm(x.clone(), residual.clone(), torch.ones(D), 1e-6, table=table)
+    steerkern.add_steer_rmsnorm_(x, residual, torch.ones(D), 1e-6, table=table)
+    assert torch.equal(buf[2:], want_r) and torch.equal(buf[:2], want_y)
+
+
+def test_steer_in_place_rejects_an_expanded_view(table):
+    row = torch.randn(D)
+    with pytest.raises(ValueError, match="h: cannot be written in place: it is an expanded view"):
+        steerkern.steer_(row.expand(3, D), table)
+
+
+def test_in_place_steer_leaves_h_untouched_on_bad_input(table):
+    h = torch.randn(2, D)
+    before = h.clone()
+    with pytest.raises(ValueError, match=r"index: values must lie in \[0, 2\]"):
+        steerkern.steer_(h, table, torch.tensor([0, 3]))
+    assert torch.equal(h, before)
+
+
+def test_in_place_rms_leaves_both_untouched_on_bad_input(table):
+    x, residual = torch.randn(2, D), torch.randn(2, D)
+    before = x.clone(), residual.clone()
+    with pytest.raises(ValueError, match="eps: expected a finite number"):
+        steerkern.add_steer_rmsnorm_(x, residual, torch.ones(D), math.nan, table=table)
+    assert torch.equal(x, before[0]) and torch.equal(residual, before[1])
+
+
+def test_the_cpu_kernel_rejects_overlapping_in_place_buffers():
+    from steerkern.kernels import cpu
+
+    if cpu._ext is None:
+        pytest.skip("C++ CPU backend not built")
+    x = torch.randn(2, D)
+    vec, alpha = torch.ones(1, D), torch.ones(1)
+    with pytest.raises(RuntimeError, match="residual: must not overlap x"):
+        cpu._ext.add_steer_rmsnorm_(x, x, torch.ones(D), 1e-6, 0.0, None, None, None, None, vec, alpha,
+                                    None, None, None, None, None)

@@ -39,6 +39,11 @@ def op_args(name, gen, variant):
     if name == "add_steer_rmsnorm":
         residual = None if variant == "no_residual" else torch.randn(2, 3, D, generator=gen)
         return (h, residual, torch.rand(D, generator=gen) + 0.5, 1e-6, 0.0, index, *table)
+    if name == "steer_":
+        return (h, index, *table)
+    if name == "add_steer_rmsnorm_":
+        return (h, torch.randn(2, 3, D, generator=gen), torch.rand(D, generator=gen) + 0.5, 1e-6, 0.0,
+                index, *table)
     if name == "sparse_linear":
         return (h, wt, bias, col, torch.tensor(0.4), topk)
     return (h, index, *table, wt, bias, col, torch.tensor(0.4), topk)
@@ -49,6 +54,7 @@ CASES = [
     ("add_steer_rmsnorm", "index"), ("add_steer_rmsnorm", "no_residual"),
     ("sparse_linear", "threshold"), ("sparse_linear", "topk"),
     ("steer_sparse_linear", "threshold"), ("steer_sparse_linear", "topk"),
+    ("steer_", "index"), ("steer_", "index_none"), ("add_steer_rmsnorm_", "index"),
 ]
 
 
@@ -58,7 +64,8 @@ def test_opcheck(gen, name, variant, impl):
     torch.library.opcheck(getattr(ops, name), op_args(name, gen, variant), {"backend": impl})
 
 
-@pytest.mark.parametrize("name", ["steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear"])
+@pytest.mark.parametrize("name", ["steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear",
+                                  "steer_", "add_steer_rmsnorm_"])
 def test_opcheck_with_the_default_backend_argument(gen, name):
     # 'auto' is the schema default, which the dispatcher leaves out of the call
     torch.library.opcheck(getattr(ops, name), op_args(name, gen, "index"))
@@ -93,6 +100,22 @@ def test_compile_fullgraph_traces_the_public_api(gen, compiler, impl):
     compiled = torch.compile(step, fullgraph=True, backend=compiler)
     for got, want in zip(compiled(h, residual, weight, index), step(h, residual, weight, index)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_compile_fullgraph_traces_the_in_place_ops(gen, compiler):
+    h, residual, weight, table, index, sw = step_inputs(gen)
+    torch._dynamo.reset()
+
+    def step(h, residual):
+        h, residual = h.clone(), residual.clone()
+        steerkern.add_steer_rmsnorm_(h, residual, weight, 1e-6, table=table, index=index)
+        steerkern.steer_(residual, table, index)
+        return residual, h
+
+    got = torch.compile(step, fullgraph=True, backend=compiler)(h, residual)
+    for g, w in zip(got, step(h, residual)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def test_compiled_code_sees_in_place_table_updates(gen):

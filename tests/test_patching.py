@@ -89,6 +89,28 @@ def test_steered_fp32_matches_hook_reference(family):
 
 
 @pytest.mark.parametrize("family", list(M.SPECS))
+def test_hidden_states_the_caller_holds_are_never_overwritten(family):
+    # post_attn and post_mlp steer the streams a layer forms in place; what
+    # output_hidden_states hands back must still equal the hook reference.
+    # ('pre' is left out: hooks record the pre-steered layer input there, the
+    # patched layer its unsteered input, and both are fair readings.)
+    model = M.build(family)
+    plan = SteeringPlan([iv for iv in mixed_plan(family).interventions if iv.site != "pre"])
+    ids = M.input_ids()
+    hooks = M.hook_reference(model, family, plan)
+    try:
+        want = model(ids, output_hidden_states=True).hidden_states
+    finally:
+        for h in hooks:
+            h.remove()
+    with steerkern.patch(model, plan):
+        got = model(ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == M.config(family).num_hidden_layers + 1
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m: f"hidden_states[{i}]: {m}")
+
+
+@pytest.mark.parametrize("family", list(M.SPECS))
 def test_steered_bf16_within_twice_bf16_reference_error(family):
     plan = mixed_plan(family)
     ids = M.input_ids()

@@ -10,6 +10,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "steerkern CPU kernels (see steerkern/ops/reference.py for the semantics)";
   m.def("steer", &sk::steer, "steer rows of h [rows, d] by the table");
   m.def("add_steer_rmsnorm", &sk::add_steer_rmsnorm, "fused residual add, steer and RMSNorm; returns (r, y)");
+  m.def("steer_", &sk::steer_, "steer rows of h [rows, d] in place");
+  m.def("add_steer_rmsnorm_", &sk::add_steer_rmsnorm_,
+        "add_steer_rmsnorm in place: residual <- r, x <- y (vLLM's fused_add_rms_norm convention)");
   m.def("sparse_linear", &sk::sparse_linear, "norm-aware sparse activation fused with a linear layer");
   m.def("steer_sparse_linear", &sk::steer_sparse_linear, "sparse_linear(steer(h)) in one call");
   m.def("cpu_capability", [] { return std::string(sk::capability()); },

@@ -9,8 +9,11 @@
 // * steer_rows: h [rows, d] -> out [rows, d].  Each row is read once into an
 //   fp32 row buffer (L1/L2 resident), steered there, written once:
 //   rows * d * 2E bytes.  Rows with index 0, or whose condition fails, are
-//   copied bit-exact.
-// * add_steer_rmsnorm_rows: x, residual -> r, y: rows * d * 4E bytes.
+//   copied bit-exact.  out may be h itself (steer_): a row is fully read
+//   before any of it is written.
+// * add_steer_rmsnorm_rows: x, residual -> r, y: rows * d * 4E bytes.  In
+//   place (add_steer_rmsnorm_), r is residual and y is x: each element of
+//   residual is read before r overwrites it, and x is read whole before y.
 // * sparse_cols: y[b, c] = bias[c] + sum_j coef[b, j] * Wt[idx[j], c] for a
 //   slice of columns.  Only the listed (active) rows of Wt are read: nact *
 //   cols * sizeof(w) bytes; the fp32 accumulators of a column tile stay in
@@ -426,13 +429,13 @@ void steer_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
     char* dst = static_cast<char*>(job.out) + r * bytes;
     const int64_t e = entry_of(job, r) - 1;
     if (e < 0) {
-      std::memcpy(dst, src, bytes);
+      if (dst != src) std::memcpy(dst, src, bytes);  // in place (steer_): already there
       continue;
     }
     const RowSums sums = read_row<T, false>(src, nullptr, nullptr, buf, d, first_direction(t, e),
                                             condition_direction(t, e), r + 1 < r1 ? src + bytes : nullptr, nullptr);
     if (!condition_holds(t, e, sums)) {
-      std::memcpy(dst, src, bytes);
+      if (dst != src) std::memcpy(dst, src, bytes);
       continue;
     }
     apply_entry<T>(t, e, buf, sums, dst, false);

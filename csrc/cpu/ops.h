@@ -21,11 +21,24 @@ at::Tensor steer(const at::Tensor& h, const OptTensor& index, const OptTensor& b
                  const OptTensor& shift, const OptTensor& cond_dir, const OptTensor& cond_threshold,
                  const OptTensor& preserve_norm);
 
+// steer, written back into h
+void steer_(const at::Tensor& h, const OptTensor& index, const OptTensor& basis, const OptTensor& target,
+            const OptTensor& gain, const OptTensor& vec, const OptTensor& alpha, const OptTensor& scale,
+            const OptTensor& shift, const OptTensor& cond_dir, const OptTensor& cond_threshold,
+            const OptTensor& preserve_norm);
+
 std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
     const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight, double eps, double weight_offset,
     const OptTensor& index, const OptTensor& basis, const OptTensor& target, const OptTensor& gain,
     const OptTensor& vec, const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
     const OptTensor& cond_dir, const OptTensor& cond_threshold, const OptTensor& preserve_norm);
+
+// add_steer_rmsnorm in place, as vLLM's fused_add_rms_norm: residual <- r, x <- y
+void add_steer_rmsnorm_(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
+                        double weight_offset, const OptTensor& index, const OptTensor& basis,
+                        const OptTensor& target, const OptTensor& gain, const OptTensor& vec,
+                        const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
+                        const OptTensor& cond_dir, const OptTensor& cond_threshold, const OptTensor& preserve_norm);
 
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const OptTensor& bias,
                          const OptTensor& scale, const at::Tensor& threshold, int64_t topk);

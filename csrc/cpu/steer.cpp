@@ -151,6 +151,37 @@ at::Tensor steer(const at::Tensor& h, const OptTensor& index, const OptTensor& b
   return out;
 }
 
+void steer_(const at::Tensor& h, const OptTensor& index, const OptTensor& basis, const OptTensor& target,
+            const OptTensor& gain, const OptTensor& vec, const OptTensor& alpha, const OptTensor& scale,
+            const OptTensor& shift, const OptTensor& cond_dir, const OptTensor& cond_threshold,
+            const OptTensor& preserve_norm) {
+  SteerJob job = steer_job(h, "h", index, basis, target, gain, vec, alpha, scale, shift, cond_dir, cond_threshold,
+                           preserve_norm);
+  if (job.table.K == 0) return;
+  job.out = h.data_ptr();
+  const Kernels& kern = kernels();
+  for_rows(h.size(0), h.size(1), [&](int64_t r0, int64_t r1) { kern.steer_rows(job, r0, r1); });
+}
+
+namespace {
+
+void set_norm(SteerJob& job, const at::Tensor& x, const at::Tensor& weight, double eps, double weight_offset) {
+  check_vector(weight, x.size(1), "weight");
+  job.weight = weight.data_ptr();
+  job.wdt = float_dtype(weight, "weight");
+  job.eps = float(eps);
+  job.weight_offset = float(weight_offset);
+}
+
+void check_residual(const at::Tensor& residual, const at::Tensor& x) {
+  check_rows(residual, "residual");
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type(), "residual: expected ",
+              x.scalar_type(), " of shape ", x.sizes(), " (that of x), got ", residual.scalar_type(),
+              " of shape ", residual.sizes());
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
     const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight, double eps, double weight_offset,
     const OptTensor& index, const OptTensor& basis, const OptTensor& target, const OptTensor& gain,
@@ -159,17 +190,10 @@ std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
   SteerJob job = steer_job(x, "x", index, basis, target, gain, vec, alpha, scale, shift, cond_dir, cond_threshold,
                            preserve_norm);
   if (residual.has_value()) {
-    check_rows(*residual, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
-                "residual: expected ", x.scalar_type(), " of shape ", x.sizes(), " (that of x), got ",
-                residual->scalar_type(), " of shape ", residual->sizes());
+    check_residual(*residual, x);
     job.residual = residual->data_ptr();
   }
-  check_vector(weight, x.size(1), "weight");
-  job.weight = weight.data_ptr();
-  job.wdt = float_dtype(weight, "weight");
-  job.eps = float(eps);
-  job.weight_offset = float(weight_offset);
+  set_norm(job, x, weight, eps, weight_offset);
   at::Tensor r = at::empty_like(x);
   at::Tensor y = at::empty_like(x);
   job.out = r.data_ptr();
@@ -177,6 +201,27 @@ std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
   const Kernels& kern = kernels();
   for_rows(x.size(0), x.size(1), [&](int64_t r0, int64_t r1) { kern.add_steer_rmsnorm_rows(job, r0, r1); });
   return {r, y};
+}
+
+void add_steer_rmsnorm_(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps,
+                        double weight_offset, const OptTensor& index, const OptTensor& basis,
+                        const OptTensor& target, const OptTensor& gain, const OptTensor& vec,
+                        const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
+                        const OptTensor& cond_dir, const OptTensor& cond_threshold, const OptTensor& preserve_norm) {
+  SteerJob job = steer_job(x, "x", index, basis, target, gain, vec, alpha, scale, shift, cond_dir, cond_threshold,
+                           preserve_norm);
+  check_residual(residual, x);
+  // r goes to residual and y to x: one buffer for both would lose r
+  const int64_t bytes = x.numel() * x.element_size();
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  const char* rp = static_cast<const char*>(residual.data_ptr());
+  TORCH_CHECK(bytes == 0 || xp + bytes <= rp || rp + bytes <= xp, "residual: must not overlap x in the in-place op");
+  set_norm(job, x, weight, eps, weight_offset);
+  job.residual = residual.data_ptr();
+  job.out = residual.data_ptr();
+  job.y = x.data_ptr();
+  const Kernels& kern = kernels();
+  for_rows(x.size(0), x.size(1), [&](int64_t r0, int64_t r1) { kern.add_steer_rmsnorm_rows(job, r0, r1); });
 }
 
 }  // namespace cpu

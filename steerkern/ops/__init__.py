@@ -18,7 +18,7 @@ from . import library, reference
 from .table import FLOAT_DTYPES, SparseWeight, SteerEntry, SteerTable, orthonormalize
 
 __all__ = [
-    "steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear",
+    "steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear", "steer_", "add_steer_rmsnorm_",
     "SteerTable", "SteerEntry", "SparseWeight", "orthonormalize", "reference",
 ]
 
@@ -123,6 +123,89 @@ def steer(h: Tensor, table: Optional[SteerTable], index: Optional[Tensor] = None
     return library.op("steer")(h, index, *tensors, backend=backend)
 
 
+def _check_writable(t: Tensor, name: str) -> None:
+    """An in-place target: every element its own memory (no broadcast views)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        raise ValueError(f"{name}: cannot be written in place: it is an expanded view whose elements "
+                         f"share memory (strides {list(t.stride())}); pass a materialized tensor")
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    # fake tensors under tracing have no memory to compare; eager calls check
+    if _tracing() or a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    def span(t):
+        lo = t.data_ptr()
+        return lo, lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) * t.element_size() + t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def steer_(h: Tensor, table: Optional[SteerTable], index: Optional[Tensor] = None, *,
+           backend: str = "auto") -> Tensor:
+    """:func:`steer` in place: ``h`` is overwritten with the steered rows and returned.
+
+    No output is allocated, so on a large ``h`` this is one read and one write
+    of memory that is already mapped.  Use it where the caller owns ``h``
+    (nothing else still needs the unsteered values).  Under autograd use
+    :func:`steer`.
+    """
+    _check_hidden(h, "h")
+    index, tensors = _check_table(h, table, index, "h")
+    if table is None:
+        return h
+    _check_writable(h, "h")
+    library.op("steer_")(h, index, *tensors, backend=backend)
+    return h
+
+
+def _check_residual(x: Tensor, residual: Tensor) -> None:
+    _check_hidden(residual, "residual")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual: expected shape {list(x.shape)} (that of x), got {list(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual: expected {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
+
+
+def _check_norm(x: Tensor, weight: Tensor, eps: float) -> float:
+    d = x.shape[-1]
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (d,):
+        raise ValueError(f"weight: expected shape [{d}], got {list(getattr(weight, 'shape', []))}")
+    if weight.dtype not in FLOAT_DTYPES or weight.device != x.device:
+        raise ValueError(f"weight: expected a float tensor on {x.device}, got {weight.dtype} on {weight.device}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
+    return eps
+
+
+def add_steer_rmsnorm_(x: Tensor, residual: Tensor, weight: Tensor, eps: float, *,
+                       table: Optional[SteerTable] = None, index: Optional[Tensor] = None,
+                       weight_offset: float = 0.0, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """:func:`add_steer_rmsnorm` in place, as vLLM's ``fused_add_rms_norm``:
+    ``residual`` is overwritten with ``r`` and ``x`` with ``y``.
+
+    Returns ``(residual, x)``, that is ``(r, y)``.  ``residual`` is required
+    and must not share memory with ``x``.  Nothing is allocated.
+    """
+    _check_hidden(x, "x")
+    if not isinstance(residual, Tensor):
+        raise ValueError("residual: required by the in-place op (it receives the new residual stream)")
+    _check_residual(x, residual)
+    eps = _check_norm(x, weight, eps)
+    index, tensors = _check_table(x, table, index, "x")
+    _check_writable(x, "x")
+    _check_writable(residual, "residual")
+    if _overlap(x, residual):
+        raise ValueError("residual: shares memory with x; the in-place op writes r into residual and y into x, "
+                         "so they must be separate tensors")
+    library.op("add_steer_rmsnorm_")(x, residual, weight, eps, float(weight_offset), index, *tensors,
+                                    backend=backend)
+    return residual, x
+
+
 def add_steer_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, *,
                       table: Optional[SteerTable] = None, index: Optional[Tensor] = None,
                       weight_offset: float = 0.0, backend: str = "auto") -> Tuple[Tensor, Tensor]:
@@ -133,19 +216,8 @@ def add_steer_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps
     """
     _check_hidden(x, "x")
     if residual is not None:
-        _check_hidden(residual, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual: expected shape {list(x.shape)} (that of x), got {list(residual.shape)}")
-        if residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"residual: expected {x.dtype} on {x.device}, got {residual.dtype} on {residual.device}")
-    d = x.shape[-1]
-    if not isinstance(weight, Tensor) or tuple(weight.shape) != (d,):
-        raise ValueError(f"weight: expected shape [{d}], got {list(getattr(weight, 'shape', []))}")
-    if weight.dtype not in FLOAT_DTYPES or weight.device != x.device:
-        raise ValueError(f"weight: expected a float tensor on {x.device}, got {weight.dtype} on {weight.device}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps: expected a finite number >= 0, got {eps}")
+        _check_residual(x, residual)
+    eps = _check_norm(x, weight, eps)
     index, tensors = _check_table(x, table, index, "x")
     return library.op("add_steer_rmsnorm")(x, residual, weight, eps, float(weight_offset), index,
                                           *tensors, backend=backend)

@@ -34,6 +34,12 @@ SCHEMAS = {
         f"steer_sparse_linear(Tensor h, {_STEER_ARGS}, Tensor weight_t, Tensor? bias, "
         "Tensor? col_scale, Tensor threshold, int topk, str backend='auto') -> Tensor"
     ),
+    # in place: no output to allocate, so the op is one read and one write of h
+    "steer_": f"steer_(Tensor(a!) h, {_STEER_ARGS}, str backend='auto') -> ()",
+    "add_steer_rmsnorm_": (
+        "add_steer_rmsnorm_(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps, "
+        f"float weight_offset, {_STEER_ARGS}, str backend='auto') -> ()"
+    ),
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -79,6 +85,37 @@ def _add_steer_rmsnorm_impl(x, residual, weight, eps, weight_offset, index, *res
     return r.reshape(x.shape), y.reshape(x.shape)
 
 
+def _in_rows(fn, t, d, *args):
+    """Run the in-place kernel ``fn`` on ``t`` viewed as rows, writing back
+    through a contiguous copy when ``t`` cannot be viewed that way."""
+    if t.is_contiguous():
+        fn(t.view(-1, d), *args)
+        return
+    rows = _rows(t, d)
+    fn(rows, *args)
+    t.copy_(rows.view(t.shape))
+
+
+def _steer_inplace_impl(h, index, *rest):
+    table, backend = _split_backend(rest, _TABLE_LEN)
+    fn = backends.select("steer_", h.device.type, backend)
+    _in_rows(fn, h, h.shape[-1], _flat_index(index), *table)
+
+
+def _add_steer_rmsnorm_inplace_impl(x, residual, weight, eps, weight_offset, index, *rest):
+    table, backend = _split_backend(rest, _TABLE_LEN)
+    fn = backends.select("add_steer_rmsnorm_", x.device.type, backend)
+    d = x.shape[-1]
+    if x.is_contiguous() and residual.is_contiguous():
+        fn(x.view(-1, d), residual.view(-1, d), weight.contiguous(), eps, weight_offset,
+           _flat_index(index), *table)
+        return
+    xr, rr = _rows(x, d), _rows(residual, d)
+    fn(xr, rr, weight.contiguous(), eps, weight_offset, _flat_index(index), *table)
+    x.copy_(xr.view(x.shape))
+    residual.copy_(rr.view(residual.shape))
+
+
 def _sparse_linear_impl(x, weight_t, bias, scale, threshold, topk, backend="auto"):
     fn = backends.select("sparse_linear", x.device.type, backend)
     y = fn(_rows(x, x.shape[-1]), weight_t, bias, scale, threshold, topk)
@@ -99,6 +136,8 @@ _IMPLS = {
     "add_steer_rmsnorm": _add_steer_rmsnorm_impl,
     "sparse_linear": _sparse_linear_impl,
     "steer_sparse_linear": _steer_sparse_linear_impl,
+    "steer_": _steer_inplace_impl,
+    "add_steer_rmsnorm_": _add_steer_rmsnorm_inplace_impl,
 }
 for _op, _fn in _IMPLS.items():
     for _key in ("CPU", "CUDA"):
@@ -124,6 +163,16 @@ def _sparse_linear_fake(x, weight_t, *args):
 def _steer_sparse_linear_fake(h, *args):
     weight_t = args[11]
     return h.new_empty(*h.shape[:-1], weight_t.shape[1])
+
+
+@torch.library.register_fake(f"{NAMESPACE}::steer_")
+def _steer_inplace_fake(h, *args):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::add_steer_rmsnorm_")
+def _add_steer_rmsnorm_inplace_fake(x, residual, *args):
+    return None
 
 
 # a plain dict, not functools.lru_cache: torch.compile traces through a dict
@@ -160,3 +209,13 @@ def hot(name: str, x: torch.Tensor):
     if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
         return _PACKETS[name]
     return _EAGER[name]
+
+
+def hot_in_place(name: str, x: torch.Tensor):
+    """The in-place twin of op ``name`` (``steer_``, ``add_steer_rmsnorm_``) for a
+    hot path that owns ``x``, or None where the out-of-place op must run: under
+    torch.compile (a functional graph is simpler to trace), or with grad mode on
+    (backward may have saved ``x``; generation runs without grad)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return None
+    return _EAGER[name + "_"]

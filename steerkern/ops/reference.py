@@ -163,6 +163,21 @@ def add_steer_rmsnorm(
     return r, rms_norm(r, weight, eps, weight_offset, acc=acc)
 
 
+def steer_(h: Tensor, index: Optional[Tensor], *table: Optional[Tensor]) -> None:
+    """``steer`` written back into ``h``: ``h`` ends up holding ``steer(h, ...)``."""
+    h.copy_(steer(h, index, *table))
+
+
+def add_steer_rmsnorm_(x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float,
+                       index: Optional[Tensor], *table: Optional[Tensor]) -> None:
+    """``add_steer_rmsnorm`` in place, in vLLM's ``fused_add_rms_norm`` convention:
+    ``residual`` ends up holding ``r`` and ``x`` holds ``y``.  ``residual`` is
+    required and must not share memory with ``x``."""
+    r, y = add_steer_rmsnorm(x, residual, weight, eps, weight_offset, index, *table)
+    residual.copy_(r)
+    x.copy_(y)
+
+
 def sparse_mask(x: Tensor, scale: Optional[Tensor], threshold: Tensor, topk: int) -> Tensor:
     """Which inputs stay active: a bool ``[rows, in]`` mask.
 

@@ -8,7 +8,10 @@ what it computed before.  Where the post-attention residual feeds an RMSNorm
 ``add_steer_rmsnorm``: residual add, steer and norm in one pass.
 
 Every forward reads its layer's :class:`LayerSteering` (``self.steerkern``)
-and passes the layer's other arguments on to the attention unchanged.
+and passes the layer's other arguments on to the attention unchanged.  A
+stream the forward has just formed itself (``residual + out``) is steered in
+place (``SiteSteer.steer_owned``); the layer's input, which the caller may
+still hold (``output_hidden_states``), never is.
 """
 from __future__ import annotations
 
@@ -74,7 +77,7 @@ def prenorm_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         residual, x = sk.fused_norm(self, x, residual)
     x = self.mlp(x)
     hidden_states = residual + _dropout(self, "resid_mlp_dropout", x)
-    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+    return hidden_states if sk.post_mlp is None else sk.post_mlp.steer_owned(hidden_states)
 
 
 def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -96,7 +99,7 @@ def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     x = self.mlp(x)
     x = self.post_feedforward_layernorm(x)
     hidden_states = residual + x
-    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+    return hidden_states if sk.post_mlp is None else sk.post_mlp.steer_owned(hidden_states)
 
 
 def gpt2_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -112,10 +115,10 @@ def gpt2_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     attn_output, _ = self.attn(self.ln_1(hidden_states), **kwargs)
     hidden_states = attn_output + residual
     if sk.post_attn is not None:
-        hidden_states = sk.post_attn(hidden_states)
+        hidden_states = sk.post_attn.steer_owned(hidden_states)
     residual = hidden_states
     hidden_states = residual + self.mlp(self.ln_2(hidden_states))
-    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+    return hidden_states if sk.post_mlp is None else sk.post_mlp.steer_owned(hidden_states)
 
 
 def neox_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -132,10 +135,10 @@ def neox_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     else:
         attn_output = attn_output + hidden_states
         if sk.post_attn is not None:
-            attn_output = sk.post_attn(attn_output)
+            attn_output = sk.post_attn.steer_owned(attn_output)
         mlp_output = self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(attn_output)))
         hidden_states = mlp_output + attn_output
-    return hidden_states if sk.post_mlp is None else sk.post_mlp(hidden_states)
+    return hidden_states if sk.post_mlp is None else sk.post_mlp.steer_owned(hidden_states)
 
 
 def wrap_forward(self, hidden_states: Tensor, *args, **kwargs):

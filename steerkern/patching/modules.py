@@ -158,6 +158,17 @@ class SiteSteer(nn.Module):
             h = steer(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
         return h
 
+    def steer_owned(self, h: Tensor) -> Tensor:
+        """Steer ``h``, a fresh tensor the layer itself just made (``residual +
+        out``) that nothing else holds: in place in eager inference, so nothing
+        is allocated; the out-of-place op under autograd or torch.compile."""
+        steer_ = library.hot_in_place("steer", h)
+        if steer_ is None:
+            return self(h)
+        for table, slot in zip(self.tables, self.slots):
+            steer_(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
+        return h
+
     def add_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float,
                  weight_offset: float) -> Tuple[Tensor, Tensor]:
         """``r = steer(x + residual)``, ``y = rmsnorm(r)``: the last table fused with the norm."""
