@@ -25,6 +25,7 @@ namespace {
 
 constexpr float kTiny = 1e-30f;
 
+
 // ---------------------------------------------------------------- vectors
 #if SK_ISA == 2
 using vf = __m512;
@@ -535,13 +536,17 @@ void store_row(const float* acc, const float* bias, void* y, int64_t n) {
 template <int B, int G>
 inline void rows_pass_bf16(const SparseJob& job, int64_t j, int64_t t0, int64_t n, float* acc, int64_t tc) {
   const uint16_t* w[G];
+  const char* pf[G];  // the rows of the next pass, fetched into L2 one pass ahead
   float c[B][G];
   for (int g = 0; g < G; ++g) {
     w[g] = static_cast<const uint16_t*>(job.wt) + int64_t(job.idx[j + g]) * job.out + t0;
+    const int64_t jn = std::min<int64_t>(j + G + g, job.nact - 1);
+    pf[g] = reinterpret_cast<const char*>(static_cast<const uint16_t*>(job.wt) + int64_t(job.idx[jn]) * job.out + t0);
     for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * job.nact + j + g];
   }
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
+    for (int g = 0; g < G; ++g) __builtin_prefetch(pf[g] + i * 2, 0, 2);  // 0: read, 2: into L2
     vf ev[G], od[G];
     for (int g = 0; g < G; ++g) vload_bf16_split(w[g] + i, ev[g], od[g]);
     for (int b = 0; b < B; ++b) {
@@ -582,7 +587,10 @@ inline void unsplit(float* acc, int64_t n) {
 
 // Active rows streamed per pass: 8 concurrent row streams keep enough cache
 // misses in flight (measured: 4 rows reach ~25% less bandwidth on bf16), and
-// the accumulator tile is loaded and stored once per 8 rows.
+// the accumulator tile is loaded and stored once per 8 rows.  The bf16 pass
+// also prefetches the next pass's rows into L2: the hardware prefetchers
+// must re-learn every short row, and this was 4-18% faster in a decode-like
+// sequence of TinyLlama projections (no gain measured for fp32).
 constexpr int kRowsPerPass = 8;
 // The accumulator tile: 4096 floats (16 KiB, L1) shared by the B rows, but
 // never narrower than 2048 columns: each active row is then read in runs of
