@@ -16,7 +16,7 @@ from steerkern import SteerTable
 from steerkern.ops import reference as R
 
 from conftest import (
-    flat_index, make_weight, rows_of,
+    flat_index, make_weight, rows_of, IMPLS,
     COMPONENTS, DTYPES, assert_bit_exact, best_topk, check_add_steer_rmsnorm, check_sparse_linear,
     check_steer, check_steer_sparse_linear, cycling_index, fit_shape, make_table, robust_conditions,
     robust_threshold, score_of, stable_threshold_rows, stable_topk_rows,
@@ -276,6 +276,38 @@ def test_sparse_linear_matches_reference_across_shapes(backend, gen, dtype, mode
     threshold, topk = sparsity_for(mode, score_of(rows_of(x), sw.scale), dtype)
     run_sparse_linear(backend, x, sw, threshold, topk,
                         f"sparse_linear[{backend}] {mode} {dtype} {lead}x{n_in}->{n_out}")
+
+
+@pytest.fixture
+def two_threads():
+    """The C++ kernel splits narrow layers over inputs only with 2+ threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_sparse_linear_narrow_layers_split_over_inputs_match_reference(gen, two_threads, dtype, rows):
+    # 2048 x 256: a thread's column slice of a W^T row is short, so the C++
+    # kernel splits the inputs over the threads and adds partial sums
+    sw = make_weight(gen, 2048, 256, dtype, "wina")
+    x = torch.randn(rows, 2048, generator=gen).to(dtype)
+    threshold = robust_threshold(score_of(x, sw.scale))
+    run_sparse_linear("cpu" if "cpu" in IMPLS else "reference", x, sw, threshold, None,
+                      f"sparse_linear split-K {dtype} {rows} rows")
+
+
+@pytest.mark.parametrize("n_out", [256, 4096], ids=["split_inputs", "split_columns"])
+def test_sparse_linear_batched_rows_equal_each_row_alone_bit_for_bit(gen, two_threads, n_out):
+    sw = make_weight(gen, 2048, n_out, torch.bfloat16, "wina")
+    x = torch.randn(5, 2048, generator=gen).to(torch.bfloat16)
+    threshold = robust_threshold(score_of(x, sw.scale))
+    together = steerkern.sparse_linear(x, sw, threshold=threshold)
+    for r in range(5):
+        assert_bit_exact(together[r:r + 1], steerkern.sparse_linear(x[r:r + 1], sw, threshold=threshold),
+                         f"row {r} of 5 vs alone, out={n_out}")
 
 
 def _x_with(case, gen, n_in):

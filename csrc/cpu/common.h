@@ -118,7 +118,8 @@ struct SparseJob {
   int64_t B = 1;
   int64_t nact = 0;
   const int32_t* idx = nullptr;  // [nact], ascending
-  const float* coef = nullptr;   // [B, nact]
+  const float* coef = nullptr;   // [B, coef_ld]
+  int64_t coef_ld = 0;           // row stride of coef (0: nact)
   const void* wt = nullptr;      // [in, out]
   DType wdt = DType::F32;
   int64_t out = 0;

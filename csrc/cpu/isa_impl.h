@@ -506,7 +506,7 @@ inline void rows_pass(const SparseJob& job, int64_t j, int64_t t0, int64_t n, fl
   const int64_t es = dtype_size(WT);
   for (int g = 0; g < G; ++g) {
     w[g] = static_cast<const char*>(job.wt) + (int64_t(job.idx[j + g]) * job.out + t0) * es;
-    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * job.nact + j + g];
+    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * (job.coef_ld ? job.coef_ld : job.nact) + j + g];
   }
   each(n, [&](auto o, int64_t i) {
     using O = decltype(o);
@@ -542,7 +542,7 @@ inline void rows_pass_bf16(const SparseJob& job, int64_t j, int64_t t0, int64_t 
     w[g] = static_cast<const uint16_t*>(job.wt) + int64_t(job.idx[j + g]) * job.out + t0;
     const int64_t jn = std::min<int64_t>(j + G + g, job.nact - 1);
     pf[g] = reinterpret_cast<const char*>(static_cast<const uint16_t*>(job.wt) + int64_t(job.idx[jn]) * job.out + t0);
-    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * job.nact + j + g];
+    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * (job.coef_ld ? job.coef_ld : job.nact) + j + g];
   }
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {

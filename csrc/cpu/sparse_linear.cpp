@@ -29,6 +29,12 @@ constexpr int64_t kMaxSmallBatch = 8;
 // (measured at 4096 x 11008: equal at 64 rows, 2x faster at 9-16 rows).
 constexpr int64_t kMinGemmBatch = 64;
 constexpr int64_t kColumnBlock = 64;  // thread split granularity (whole cache lines)
+// Split the inputs (see input_chunks) when a thread's column slice of a W^T
+// row would be shorter than this, the weight is at least this large, and
+// each range keeps at least this many inputs.
+constexpr int64_t kMinRunBytes = 16384;
+constexpr int64_t kMinSplitWeightBytes = 1 << 20;
+constexpr int64_t kMinChunkRows = 256;
 
 struct SparseArgs {
   int64_t in = 0, out = 0;
@@ -138,6 +144,59 @@ void mask_row(const float* score, int64_t n, const SparseArgs& a, uint8_t* flag)
 
 const float* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
+// How many ranges of input rows a small batch is split over (1: split the
+// columns instead).  Threads that split the columns each read a slice of
+// every active row of W^T; when that slice is short (a narrow layer, or many
+// threads), DRAM streams it badly, so each thread takes whole rows of its
+// own input range and the partial sums are added after.  Measured over a
+// decode-like sequence of TinyLlama projections, 2 threads: 6-12% faster in
+// bf16 and fp32, sparse and dense, than splitting the columns.
+//
+// The choice depends on the layer's shape and the thread count only, never on
+// which inputs are active or on the batch size, so a row's sums are added in
+// the same order alone as in any batch: a batched row equals the row alone,
+// bit for bit.
+int64_t input_chunks(int64_t in, int64_t row_bytes) {
+  const int64_t nt = at::get_num_threads();
+  if (nt < 2 || at::in_parallel_region() || row_bytes >= nt * kMinRunBytes) return 1;
+  if (in * row_bytes < kMinSplitWeightBytes) return 1;  // too little to pay for the threads
+  return std::max<int64_t>(1, std::min(nt, in / kMinChunkRows));
+}
+
+// The split itself: range c is inputs [c * in / chunks, (c + 1) * in / chunks).
+void split_inputs(const SparseJob& job, const Kernels& kern, int64_t chunks, int64_t in, at::Tensor& y) {
+  const int64_t B = job.B, out = job.out;
+  std::vector<int64_t> first(chunks + 1);  // first position in idx of each range
+  for (int64_t c = 0, j = 0; c <= chunks; ++c) {
+    const int64_t lo = c * in / chunks;
+    while (j < job.nact && job.idx[j] < lo) ++j;
+    first[c] = c == chunks ? job.nact : j;
+  }
+  float* partial = scratch(chunks * B * out, 4);  // [chunks, B, out] fp32, summed into range 0
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      SparseJob part = job;
+      part.idx = job.idx + first[c];
+      part.coef = job.coef + first[c];
+      part.coef_ld = job.nact;
+      part.nact = first[c + 1] - first[c];
+      part.bias = nullptr;
+      part.y = partial + c * B * out;
+      part.ydt = DType::F32;
+      kern.sparse_cols(part, 0, out);
+    }
+  });
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* p = partial + c * B * out;
+    for (int64_t i = 0; i < B * out; ++i) partial[i] += p[i];
+  }
+  if (job.bias) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < out; ++i) partial[b * out + i] += job.bias[i];
+  }
+  y.copy_(at::from_blob(partial, {B, out}, at::TensorOptions().dtype(at::kFloat)));
+}
+
 // Up to 8 rows: one pass over the union of the rows' active inputs.
 void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   const Kernels& kern = kernels();
@@ -176,6 +235,11 @@ void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   job.bias = opt_ptr(a.bias);
   job.y = y.data_ptr();
   job.ydt = xdt;
+  const int64_t chunks = input_chunks(in, a.out * dtype_size(a.wdt));
+  if (chunks > 1) {
+    split_inputs(job, kern, chunks, in, y);
+    return;
+  }
   const int64_t blocks = (a.out + kColumnBlock - 1) / kColumnBlock;
   // at least ~64K multiply-adds per thread, so that small layers stay inline
   const int64_t work_per_block = std::max<int64_t>(1, B * nact * kColumnBlock);
