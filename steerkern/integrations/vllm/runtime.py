@@ -262,6 +262,12 @@ class SteeringRuntime:
         weight, eps = norm.weight, float(norm.variance_epsilon)
         if len(steps) == 1 and steps[0].all_rows:
             s = steps[0]
+            # vLLM's own fused_add_rms_norm writes into x and residual, so the
+            # model lets the norm have them: the in-place op allocates nothing
+            fused_ = library.hot_in_place("add_steer_rmsnorm", x)
+            if fused_ is not None:
+                fused_(x, residual, weight, eps, 0.0, s.index, *s.table.tensors())
+                return x, residual
             r, y = library.hot("add_steer_rmsnorm", x)(x, residual, weight, eps, 0.0, s.index, *s.table.tensors())
             return y, r
         y0, r = orig(x, residual)  # vLLM's own result, kept for the unsteered rows
