@@ -81,6 +81,7 @@ def register(op: str, backend: str, fn: Callable) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
     _IMPLS[(op, backend)] = fn
+    _SELECTED.clear()
     _WRITE_BACK.discard((op, backend))
     for twin, base in IN_PLACE.items():
         if base == op and ((twin, backend) not in _IMPLS or (twin, backend) in _WRITE_BACK):
@@ -99,11 +100,13 @@ def register_backend(backend: str, serves: Callable[[str], bool]) -> None:
         raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
     _SERVES[backend] = serves
     _UNAVAILABLE.pop(backend, None)
+    _SELECTED.clear()
 
 
 def mark_unavailable(backend: str, why: str) -> None:
     """Record that ``backend`` could not be loaded, and why."""
     _UNAVAILABLE[backend] = why
+    _SELECTED.clear()
 
 
 def _check_name(name: str, where: str) -> str:
@@ -177,9 +180,24 @@ def choose(op: str, device_type: str, backend: str = "auto") -> str:
     return "reference"
 
 
+# (op, device type, backend argument, env var, innermost use_backend) -> implementation;
+# emptied whenever the registry changes
+_SELECTED: Dict[tuple, Callable] = {}
+
+
 def select(op: str, device_type: str, backend: str = "auto") -> Callable:
-    """The implementation of ``op`` that :func:`choose` names."""
-    return _IMPLS[(op, choose(op, device_type, backend))]
+    """The implementation of ``op`` that :func:`choose` names.
+
+    Memoized on everything the choice depends on, so a per-token hot path
+    pays a dictionary lookup, not the walk through the rules.
+    """
+    stack = getattr(_local, "stack", None)
+    key = (op, device_type, backend, os.environ.get(ENV_VAR), stack[-1] if stack else None)
+    fn = _SELECTED.get(key)
+    if fn is None:
+        fn = _IMPLS[(op, choose(op, device_type, backend))]
+        _SELECTED[key] = fn
+    return fn
 
 
 def report(device_types=("cpu", "cuda")) -> str:

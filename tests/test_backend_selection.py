@@ -21,6 +21,15 @@ def no_env_choice(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def fresh_selection_memo():
+    # tests below swap implementations in and out of the registry by hand,
+    # behind register()'s back, so the memo of choices is cleared around each
+    backends._SELECTED.clear()
+    yield
+    backends._SELECTED.clear()
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """A fake 'triton' backend that serves CPU and records the ops it runs
@@ -246,3 +255,14 @@ def test_the_cpu_kernels_do_the_in_place_ops_natively():
         pytest.skip("C++ CPU backend not built")
     assert not backends.writes_back("steer_", "cpu")
     assert not backends.writes_back("add_steer_rmsnorm_", "cpu")
+
+
+def test_the_memoized_choice_follows_the_env_var_and_use_backend(monkeypatch):
+    first = backends.select("steer", "cpu")
+    assert first is backends._IMPLS[("steer", default_cpu_backend())]
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.select("steer", "cpu") is backends._IMPLS[("steer", "reference")]
+    monkeypatch.delenv(backends.ENV_VAR)
+    with steerkern.use_backend("reference"):
+        assert backends.select("steer", "cpu") is backends._IMPLS[("steer", "reference")]
+    assert backends.select("steer", "cpu") is first

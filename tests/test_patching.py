@@ -25,6 +25,7 @@ import torch
 import steerkern
 from steerkern import Intervention, SparsityPlan, SteerEntry, SteeringPlan
 from steerkern.patching import registry
+from steerkern.patching.modules import SparseLinear
 
 import models as M
 from models import no_grad  # noqa: F401  (autouse fixture)
@@ -284,6 +285,70 @@ def test_sparse_prefill_and_decode_match_masked_dense_reference(family):
     if family != "bert":
         # the decode step ran the sparse kernel on one token; its cache came from the masked prefill
         torch.testing.assert_close(step, want_last, atol=1e-4, rtol=1e-4)
+
+
+def lm_head_reference(model, threshold):
+    """A hook that computes the output head densely on its WINA-masked input."""
+    def hook(m, args, out):
+        x = args[0].float()
+        W = m.weight.float()
+        xm = torch.where(x.abs() * W.norm(dim=0) > threshold, x, torch.zeros(()))
+        return (xm @ W.T).to(out.dtype)
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lm_head_sparsity_matches_masked_dense_reference(family):
+    model = M.build(family)
+    ids = M.input_ids(2, 6)
+    dense = out_of(model, family, ids)
+    x = model(ids, output_hidden_states=True).hidden_states[-1]  # after the final norm: the head's input
+    score = x.abs() * model.get_output_embeddings().weight.norm(dim=0)
+    t = float(score.median())
+    hook = lm_head_reference(model, t)
+    want = out_of(model, family, ids)
+    hook.remove()
+    assert (want - dense).abs().max() > 1e-3, "the threshold must drop inputs"
+    with steerkern.patch(model, sparsity=SparsityPlan({}, lm_head=t)) as handle:
+        assert isinstance(model.get_output_embeddings(), SparseLinear)
+        got = out_of(model, family, ids)
+        first = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+        handle.set_threshold(0.0, None, "lm_head")
+        dense_again = out_of(model, family, ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step, want[:, -1], atol=1e-4, rtol=1e-4)  # the decode kernel
+    torch.testing.assert_close(dense_again, dense, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out_of(model, family, ids), dense)  # unpatched
+
+
+def test_lm_head_dense_gemv_keeps_a_tied_head_and_its_embeddings():
+    model = M.build("gpt2")  # ties lm_head.weight to the token embeddings
+    ids = M.input_ids(1, 5)
+    tied = model.get_output_embeddings().weight
+    assert tied is model.get_input_embeddings().weight
+    dense = out_of(model, "gpt2", ids)
+    with steerkern.patch(model, sparsity=SparsityPlan({}, lm_head=0.0), drop_dense=True) as handle:
+        assert model.get_input_embeddings().weight.shape == tied.shape  # not dropped
+        assert handle.memory["dropped_bytes"] == 0
+        torch.testing.assert_close(out_of(model, "gpt2", ids), dense, atol=1e-4, rtol=1e-4)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.equal(out_of(model, "gpt2", ids), dense)
+
+
+def test_lm_head_threshold_survives_save_and_load(tmp_path):
+    plan = SparsityPlan({0: {"q_proj": 0.5}}, lm_head=0.25)
+    plan.save(tmp_path / "plan.safetensors")
+    assert SparsityPlan.load(tmp_path / "plan.safetensors").lm_head == 0.25
+    with pytest.raises(ValueError, match="lm_head: a threshold must be >= 0"):
+        SparsityPlan({}, lm_head=-1.0)
+
+
+def test_lm_head_sparsity_on_a_model_without_a_head_is_a_clear_error():
+    model = M.build("bert")
+    with pytest.raises(ValueError, match="sparsity.lm_head: BertModel has no linear output head"):
+        steerkern.patch(model, sparsity=SparsityPlan({}, lm_head=0.0))
+    assert not hasattr(model, "_steerkern_handle") or model.__dict__.get("_steerkern_handle") is None
 
 
 def test_sparse_teal_mode_and_dense_prefill():

@@ -143,7 +143,8 @@ class PatchHandle:
             p.site.tables[p.slot].vec[p.row].copy_(row)
 
     def set_threshold(self, value: float, layer: int, projection: str) -> None:
-        """Write one sparsity threshold in place."""
+        """Write one sparsity threshold in place (``layer=None, projection="lm_head"``
+        for the output head)."""
         value = float(value)
         if not value >= 0:
             raise ValueError(f"value: expected a threshold >= 0, got {value}")
@@ -303,6 +304,8 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
             _check_model_name(sparsity.model, model, "sparsity")
         old = model.__dict__.get(_HANDLE_ATTR) or owner.__dict__.get(_HANDLE_ATTR)
         sparse_jobs = _sparse_jobs(family, layers, sparsity, model.config, old)
+        if sparsity.lm_head is not None:
+            sparse_jobs.append(_lm_head_job(model, sparsity.lm_head, old))
 
     # plan -> tables, all built before the model is touched
     site_plans = {}
@@ -326,7 +329,7 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
         sl.dropped_bytes = 0
         setattr(parent, name, sl)
         handle._swapped.append((parent, name, original, sl))
-        if drop_dense and sl.layout_bytes:
+        if drop_dense and sl.layout_bytes and not _tied_to_embeddings(model, original):
             sl.dropped_bytes = original.weight.numel() * original.weight.element_size()
             original.weight.data = torch.empty(0, dtype=original.weight.dtype, device=original.weight.device)
             handle._dropped.append((original, sl))
@@ -393,6 +396,28 @@ def _sparse_jobs(family, layers, plan: SparsityPlan, config, old: Optional[Patch
                 parts = list(zip(widths, ts))
             jobs.append((i, path, parent, name, original, parts, tuple(names), transposed))
     return jobs
+
+
+def _lm_head_job(model: nn.Module, threshold: float, old: Optional[PatchHandle]):
+    """The sparse job of the model's output head (``SparsityPlan.lm_head``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if old is not None:  # patched before: the original head behind its sparse module
+        head = next((o for _, _, o, s in old._swapped if s is head), head)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"sparsity.lm_head: {type(model).__name__} has no linear output head "
+                         f"(get_output_embeddings() gives {type(head).__name__}); leave lm_head=None")
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if child is head or (old is not None and any(s is child and o is head for _, _, o, s in old._swapped)):
+                return (None, name, parent, name, head, [(head.weight.shape[0], threshold)], ("lm_head",), False)
+    raise ValueError(f"sparsity.lm_head: the output head of {type(model).__name__} is not one of its submodules")
+
+
+def _tied_to_embeddings(model: nn.Module, original: nn.Module) -> bool:
+    """Whether ``original``'s weight is also the input embedding (never dropped)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight is not None and weight is original.weight
 
 
 def _position_hook(owner: nn.Module, tracker: TokenPositions):
