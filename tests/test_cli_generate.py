@@ -64,6 +64,22 @@ def test_generate_with_sparsity(tiny_model_dir, capsys):
     assert "steerkern: sparsity" in capsys.readouterr().out
 
 
+def test_generate_with_the_lm_head_through_the_gemv_kernel_matches_plain(tiny_model_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello there", "--max-new-tokens", "4",
+               "--lm-head", "0", "--compare"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    plain = next(line for line in out.splitlines() if line.startswith("[plain]"))
+    ours = next(line for line in out.splitlines() if line.startswith("[steerkern: sparsity]"))
+    assert plain.split("]", 1)[1] == ours.split("]", 1)[1]  # the same greedy text
+
+
+def test_generate_refuses_a_negative_lm_head_threshold(tiny_model_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--lm-head", "-1"])
+    assert rc == 2
+    assert "--lm-head: expected a threshold >= 0" in capsys.readouterr().err
+
+
 def test_generate_refuses_a_vector_of_the_wrong_size(tiny_model_dir, tmp_path, capsys):
     from safetensors.torch import save_file
 

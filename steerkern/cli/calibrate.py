@@ -1,7 +1,7 @@
 """``steerkern calibrate``: derive a sparsity plan from calibration text.
 
     steerkern calibrate --model PATH --sparsity 0.5 [--data FILE] -o PLAN \\
-        [--mode wina|teal] [--allocation uniform|greedy] [--steering STEERING_PLAN]
+        [--mode wina|teal] [--allocation uniform|greedy] [--steering STEERING_PLAN] [--lm-head T]
 
 Thresholds are read from streaming histograms of every projection's input
 scores on the text (default: a short English text shipped with steerkern),
@@ -10,6 +10,7 @@ text reports the sparsity the plan really reaches.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 
@@ -42,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--held-out", type=float, default=0.2,
                    help="fraction of windows kept out to report realized sparsity (0: none)")
     p.add_argument("-o", "--output", required=True, help="where to write the plan (.safetensors)")
+    p.add_argument("--lm-head", type=float, default=None, metavar="T",
+                   help="also store a threshold for the LM head's input (0: dense, through steerkern's "
+                        "GEMV kernel at decode); default: the head is left to torch")
     p.set_defaults(func=run)
 
 
@@ -110,6 +114,8 @@ def run(args) -> int:
                      progress=not args.no_progress)
     plan = cal.plan(args.sparsity, mode=args.mode, allocation=args.allocation, step=args.step,
                     refine=args.refine, model_name=name)
+    if args.lm_head is not None:
+        plan = dataclasses.replace(plan, lm_head=args.lm_head)
     plan.save(args.output)
     print(f"calibrated {len(cal.layers)} layers x {len(cal.sites) // len(cal.layers)} projections "
           f"on {cal.tokens} tokens ({args.mode}, {args.allocation}, target {args.sparsity:g}"

@@ -2,6 +2,7 @@
 
     steerkern generate --model PATH_OR_ID --prompt "..." \\
         [--vector FILE --alpha A --layers 10-14 --site post_mlp] [--ablate FILE] [--sparsity 0.5]
+        [--lm-head 0]
 
 Vector files are read with :func:`steerkern.vectors.io.load` (steerkern
 safetensors, llama.cpp/repeng GGUF control vectors); a safetensors file
@@ -28,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--ablate", help="direction file to ablate at every site of every layer")
     p.add_argument("--sparsity", type=float, help="target activation sparsity, e.g. 0.5 (calibrated now)")
     p.add_argument("--sparsity-plan", help="a saved SparsityPlan file (instead of --sparsity)")
+    p.add_argument("--lm-head", type=float, default=None, metavar="T",
+                   help="threshold for the LM head's input; 0 keeps it dense but runs it through "
+                        "steerkern's GEMV kernel (faster decode on CPU); default: the plan's, else torch's")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="kernel backend (see `steerkern backends`)")
@@ -134,6 +138,8 @@ def run(args) -> int:
         raise ValueError(f"--sparsity: expected a fraction in [0, 1), got {args.sparsity}")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens: expected >= 1")
+    if args.lm_head is not None and not 0.0 <= args.lm_head < float("inf"):
+        raise ValueError(f"--lm-head: expected a threshold >= 0, got {args.lm_head}")
     tok = AutoTokenizer.from_pretrained(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -153,6 +159,13 @@ def run(args) -> int:
         sparsity = calibrate(model, windows.to(args.device), args.sparsity, progress=True,
                              steering=steering,
                              model_name=os.path.basename(args.model.rstrip("/")))
+    if args.lm_head is not None:
+        import dataclasses
+
+        from ..plan import SparsityPlan
+
+        sparsity = (SparsityPlan({}, lm_head=args.lm_head) if sparsity is None
+                    else dataclasses.replace(sparsity, lm_head=args.lm_head))
     batch = tok(args.prompt, return_tensors="pt", padding=True)
     batch = {k: batch[k].to(args.device) for k in ("input_ids", "attention_mask")}
 
