@@ -254,3 +254,17 @@ def test_entry_components_must_be_numbers():
         SteerTable.from_entries([SteerEntry(vector=torch.ones(16, dtype=torch.bool))], 16)
     with pytest.raises(ValueError, match=r"entries\[0\]\.vector"):
         SteerTable.from_entries([SteerEntry(vector="sixteen")], 16)
+
+
+def test_large_cpu_layouts_are_huge_page_backed_and_hold_the_weight():
+    from steerkern.ops.table import layout_tensor
+
+    w = torch.randn(600, 1000)  # W^T of 2.4 MB in fp32: above the 2 MiB cut
+    sw = SparseWeight.from_linear(w)
+    assert torch.equal(sw.weight_t, w.T) and sw.weight_t.is_contiguous()
+    small = layout_tensor((4, 4), torch.bfloat16, "cpu")
+    assert small.shape == (4, 4) and small.dtype == torch.bfloat16
+    big = layout_tensor((1024, 1024), torch.float32, "cpu")
+    if hasattr(__import__("mmap"), "MADV_HUGEPAGE"):
+        assert big.data_ptr() % (2 << 20) == 0  # starts on a huge-page boundary
+    del sw, big  # the mapping goes with its last tensor

