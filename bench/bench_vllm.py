@@ -60,16 +60,18 @@ def _time_steering(llm):
     from steerkern.integrations.vllm import plugin
 
     runtime = plugin._runtime_of(runner)
-    spent = {"s": 0.0}
+    spent = {"s": 0.0, "prepare": 0.0, "steer_norm": 0.0, "steer_stream": 0.0}
     for name in ("prepare", "steer_norm", "steer_stream"):
         fn = getattr(runtime, name)
 
-        def timed(*a, _fn=fn, **k):
+        def timed(*a, _fn=fn, _name=name, **k):
             t0 = time.perf_counter()
             try:
                 return _fn(*a, **k)
             finally:
-                spent["s"] += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                spent["s"] += dt
+                spent[_name] += dt
         setattr(runtime, name, timed)
     return spent
 
@@ -134,7 +136,9 @@ def main(argv=None):
 
     spent = _time_steering(llm)
     run(plain), run(steered)  # warm-up
-    spent["s"], steered_wall = 0.0, 0.0
+    for k in spent:
+        spent[k] = 0.0
+    steered_wall = 0.0
     times = {"unsteered": [], "steered": []}
     for i in range(args.repeats):
         # alternate which goes first, so that drifting machine load hits both alike
@@ -170,12 +174,16 @@ def main(argv=None):
         # runs, as a share of those runs: an upper bound of the overhead (it does not subtract the
         # vLLM norms that the fused steer+norm op replaces), and far less noisy than the ratios
         "steering_share_of_steered_runs": round(spent["s"] / steered_wall, 5),
+        # split: per-step batch tables and indices (prepare) and the steered norms and streams
+        "steering_share_by_part": {k: round(spent[k] / steered_wall, 5)
+                                   for k in ("prepare", "steer_norm", "steer_stream")},
         "overhead_cpu_time": round(statistics.median(cpu_s["steered"]) / statistics.median(cpu_s["unsteered"]) - 1, 4),
     }
     print(f"best of {args.repeats}: unsteered {best['unsteered']:.1f} tok/s, steered {best['steered']:.1f} tok/s, "
           f"overhead {100 * overhead:+.2f}% (median of pairs {100 * pair:+.2f}%, CPU time "
           f"{100 * result['overhead_cpu_time']:+.2f}%; goal <= +5%)")
-    print(f"time in steering work: {100 * result['steering_share_of_steered_runs']:.2f}% of the steered runs")
+    print(f"time in steering work: {100 * result['steering_share_of_steered_runs']:.2f}% of the steered runs ("
+          + ", ".join(f"{k} {100 * v:.2f}%" for k, v in result["steering_share_by_part"].items()) + ")")
     out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / f"vllm_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

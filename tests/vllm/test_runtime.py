@@ -201,3 +201,30 @@ def test_batch_table_is_the_table_of_all_entries():
         assert (a is None) == (b is None), name
         if a is not None:
             assert torch.equal(a, b), name
+
+
+def test_requests_asking_for_the_same_steering_share_its_compiled_tables(setup):
+    _, _, rt = setup
+    spec = {"steer_vectors": "u", "steer_coefs": 2.0}
+    a = rt.compile_request("a", spec)
+    assert rt.compile_request("b", dict(spec)) is a
+    assert rt.compile_request("c", {"steer_vectors": "u", "steer_coefs": 3.0}) is not a
+
+
+@torch.no_grad()
+def test_a_new_batch_asking_for_the_same_steering_reuses_the_batch_tables_correctly(setup):
+    toy, lib, rt = setup
+    install(toy, rt)
+    one, two = ({"steer_vectors": "u", "steer_coefs": c, "steer_site": "post_mlp"} for c in (1.0, 2.0))
+    rt.prepare([RequestRow("A", one, 0, 2, 0, 2), RequestRow("B", two, 2, 2, 0, 2)], 4)
+    first_tables = list(rt._tables.values())
+    rt.finish()
+    # new requests, in the other order: C asks what B asked, D what A asked
+    h = torch.randn(4, D)
+    rt.prepare([RequestRow("C", two, 0, 2, 0, 2), RequestRow("D", one, 2, 2, 0, 2)], 4)
+    assert [id(t) for t in rt._tables.values()] == [id(t) for t in first_tables]
+    got = toy(None, h)
+    rt.finish()
+    coef = torch.tensor([2.0, 2.0, 1.0, 1.0])[:, None]
+    adds = {(layer, "post_mlp"): coef * lib.vectors["u"] for layer in range(L)}
+    torch.testing.assert_close(got, reference(toy, h, adds), rtol=1e-5, atol=1e-5)

@@ -38,10 +38,12 @@ from torch import Tensor, nn
 from ...ops import library
 from ...ops.table import SteerTable
 from ...plan import Intervention
-from .spec import SteeringLibrary, has_steering
+from .spec import SteeringLibrary, fingerprint, has_steering
 
 log = logging.getLogger("steerkern.vllm")
 
+
+_MAX_SPECS = 4096  # distinct steering requests kept compiled
 
 Key = Tuple[int, str, int]   # (layer, site, depth): depth orders interventions at one site
 Location = Tuple[str, int]   # ("in", L): input norm of layer L (L == num_layers: final norm); ("mid", L)
@@ -123,6 +125,8 @@ class SteeringRuntime:
         self.current: Optional[BatchSteering] = None
         # req_id -> {key: (one-entry table, positions)}, or None for a request without (valid) steering
         self._requests: Dict[str, Optional[Dict[Key, Tuple[SteerTable, Any]]]] = {}
+        self._specs: Dict[str, Dict[Key, Tuple[SteerTable, Any]]] = {}  # fingerprint -> compiled
+        self._spec_of: Dict[str, str] = {}  # req_id -> fingerprint
         self._tables: Dict[tuple, SteerTable] = {}
         self._layout: Optional[_Layout] = None
         self._last = None  # ((ids, index bytes), BatchSteering) of the previous step
@@ -133,13 +137,24 @@ class SteeringRuntime:
             return self._requests[req_id]
         compiled = None
         if has_steering(extra_args):
-            try:
-                interventions = self.library.parse(extra_args, self.num_layers, self.hidden_size)
-                compiled = self._by_key(interventions) or None
-            except ValueError as err:
-                # the front end validates every request; one that got past it runs unsteered
-                log.error("steerkern: request %s runs unsteered: %s", req_id, err)
+            # requests that ask for the same steering share its validated tables
+            # (a server sees a few named vectors and coefficients many times over)
+            spec = fingerprint(extra_args)
+            compiled = self._specs.get(spec)
+            if compiled is None:
+                try:
+                    interventions = self.library.parse(extra_args, self.num_layers, self.hidden_size)
+                    compiled = self._by_key(interventions) or None
+                except ValueError as err:
+                    # the front end validates every request; one that got past it runs unsteered
+                    log.error("steerkern: request %s runs unsteered: %s", req_id, err)
+                if compiled is not None:
+                    if len(self._specs) >= _MAX_SPECS:
+                        self._specs.clear()
+                    self._specs[spec] = compiled
         self._requests[req_id] = compiled
+        if compiled is not None:
+            self._spec_of[req_id] = spec
         return compiled
 
     def _by_key(self, interventions: Sequence[Intervention]) -> Dict[Key, Tuple[SteerTable, Any]]:
@@ -162,6 +177,7 @@ class SteeringRuntime:
         live = set(live_req_ids)
         for req_id in [r for r in self._requests if r not in live]:
             del self._requests[req_id]
+            self._spec_of.pop(req_id, None)
 
     # ---- batches -------------------------------------------------------------
     def prepare(self, rows: Sequence[RequestRow], num_rows: int) -> Optional[BatchSteering]:
@@ -218,7 +234,9 @@ class SteeringRuntime:
 
     def _build_layout(self, ids, compiled) -> "_Layout":
         """Group the keys by the (request, position rule) lists that steer them;
-        slots follow sorted request ids, so a reordered batch keeps its tables."""
+        slots follow the requests sorted by their steering, then id, so a
+        reordered batch, or a new batch asking for the same steering, keeps its
+        tables."""
         per_key: Dict[Key, List[Tuple[str, SteerTable, Any]]] = {}
         for req_id, comp in zip(ids, compiled):
             for key, (table, positions) in comp.items():
@@ -226,8 +244,9 @@ class SteeringRuntime:
         groups: Dict[tuple, List[Tuple[Key, SteerTable]]] = {}
         tables: Dict[tuple, SteerTable] = {}
         for key, members in per_key.items():
-            members.sort(key=lambda m: m[0])
-            tkey = (key, tuple(m[0] for m in members))
+            members.sort(key=lambda m: (self._spec_of.get(m[0], ""), m[0]))
+            # by what the members ask for, not who they are
+            tkey = (key, tuple(self._spec_of.get(m[0], m[0]) for m in members))
             table = self._tables.get(tkey)
             if table is None:
                 table = _concat([t for _, t, _ in members], self.hidden_size).to(self.device)
