@@ -289,7 +289,7 @@ def two_threads():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_sparse_linear_narrow_layers_split_over_inputs_match_reference(gen, two_threads, dtype, rows):
+def test_cpu_sparse_linear_narrow_layers_split_over_inputs_match_reference(gen, two_threads, dtype, rows):
     # 2048 x 256: a thread's column slice of a W^T row is short, so the C++
     # kernel splits the inputs over the threads and adds partial sums
     sw = make_weight(gen, 2048, 256, dtype, "wina")
@@ -300,7 +300,7 @@ def test_sparse_linear_narrow_layers_split_over_inputs_match_reference(gen, two_
 
 
 @pytest.mark.parametrize("n_out", [256, 4096], ids=["split_inputs", "split_columns"])
-def test_sparse_linear_batched_rows_equal_each_row_alone_bit_for_bit(gen, two_threads, n_out):
+def test_cpu_sparse_linear_batched_rows_equal_each_row_alone_bit_for_bit(gen, two_threads, n_out):
     sw = make_weight(gen, 2048, n_out, torch.bfloat16, "wina")
     x = torch.randn(5, 2048, generator=gen).to(torch.bfloat16)
     threshold = robust_threshold(score_of(x, sw.scale))

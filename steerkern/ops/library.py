@@ -211,6 +211,28 @@ def hot(name: str, x: torch.Tensor):
     return _EAGER[name]
 
 
+def steer_rows_(h: torch.Tensor, index, table, backend: str = "auto") -> None:
+    """``steer_`` on a contiguous ``h`` straight into the kernel: the eager hot
+    path of a patched layer (checked once, at patch time), with the fewest
+    Python frames per call.  Callers check :func:`hot_in_place` first."""
+    fn = backends.select("steer_", h.device.type, backend)
+    fn(h.view(-1, h.shape[-1]), None if index is None else index.view(-1), *table)
+
+
+def sparse_rows(x: torch.Tensor, weight_t, bias, scale, threshold, topk: int, backend: str = "auto"):
+    """``sparse_linear`` on a contiguous ``x`` straight into the kernel: the
+    eager decode path of a patched projection (checked at patch time).
+    Callers check that :func:`hot` gives the direct call first."""
+    fn = backends.select("sparse_linear", x.device.type, backend)
+    y = fn(x.view(-1, x.shape[-1]), weight_t, bias, scale, threshold, topk)
+    return y.view(*x.shape[:-1], weight_t.shape[1])
+
+
+def is_direct(x: torch.Tensor) -> bool:
+    """Whether :func:`hot` would call the implementation directly for ``x``."""
+    return not (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()))
+
+
 def hot_in_place(name: str, x: torch.Tensor):
     """The in-place twin of op ``name`` (``steer_``, ``add_steer_rmsnorm_``) for a
     hot path that owns ``x``, or None where the out-of-place op must run: under

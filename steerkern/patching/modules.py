@@ -162,11 +162,10 @@ class SiteSteer(nn.Module):
         """Steer ``h``, a fresh tensor the layer itself just made (``residual +
         out``) that nothing else holds: in place in eager inference, so nothing
         is allocated; the out-of-place op under autograd or torch.compile."""
-        steer_ = library.hot_in_place("steer", h)
-        if steer_ is None:
+        if library.hot_in_place("steer", h) is None or not h.is_contiguous():
             return self(h)
         for table, slot in zip(self.tables, self.slots):
-            steer_(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
+            library.steer_rows_(h, self.tracker.index(slot, h), table.tensors(), self.backend)
         return h
 
     def add_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float,
@@ -259,9 +258,13 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 1 or x.shape[-2] == 1:
-            op = library.hot("sparse_linear", x)
-            outs = [op(x, p.weight_t, p.bias, p.scale, t, -1, backend=self.backend)
-                    for p, t in zip(self.parts, self.thresholds)]
+            if library.is_direct(x) and x.is_contiguous():
+                outs = [library.sparse_rows(x, p.weight_t, p.bias, p.scale, t, -1, self.backend)
+                        for p, t in zip(self.parts, self.thresholds)]
+            else:
+                op = library.hot("sparse_linear", x)
+                outs = [op(x, p.weight_t, p.bias, p.scale, t, -1, backend=self.backend)
+                        for p, t in zip(self.parts, self.thresholds)]
         else:
             outs = [self._prefill(x, i) for i in range(len(self.parts))]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
