@@ -96,10 +96,18 @@ def _in_rows(fn, t, d, *args):
     t.copy_(rows.view(t.shape))
 
 
-def _steer_inplace_impl(h, index, *rest):
-    table, backend = _split_backend(rest, _TABLE_LEN)
+def steer_rows_(h: torch.Tensor, index, table, backend: str = "auto") -> None:
+    """``steer_`` into the kernel with the table tensors as one sequence: the
+    in-place op's implementation, and what a patched layer's eager hot path
+    calls (its tables were checked at patch time).  Callers check
+    :func:`hot_in_place` first."""
     fn = backends.select("steer_", h.device.type, backend)
     _in_rows(fn, h, h.shape[-1], _flat_index(index), *table)
+
+
+def _steer_inplace_impl(h, index, *rest):
+    table, backend = _split_backend(rest, _TABLE_LEN)
+    steer_rows_(h, index, table, backend)
 
 
 def _add_steer_rmsnorm_inplace_impl(x, residual, weight, eps, weight_offset, index, *rest):
@@ -116,7 +124,10 @@ def _add_steer_rmsnorm_inplace_impl(x, residual, weight, eps, weight_offset, ind
     residual.copy_(rr.view(residual.shape))
 
 
-def _sparse_linear_impl(x, weight_t, bias, scale, threshold, topk, backend="auto"):
+def sparse_rows(x: torch.Tensor, weight_t, bias, scale, threshold, topk: int, backend: str = "auto"):
+    """``sparse_linear`` into the kernel: the op's implementation, and what a
+    patched projection's eager decode path calls (its weight was prepared at
+    patch time).  Callers check :func:`is_direct` first."""
     fn = backends.select("sparse_linear", x.device.type, backend)
     y = fn(_rows(x, x.shape[-1]), weight_t, bias, scale, threshold, topk)
     return y.reshape(*x.shape[:-1], weight_t.shape[1])
@@ -134,7 +145,7 @@ def _steer_sparse_linear_impl(h, index, *rest):
 _IMPLS = {
     "steer": _steer_impl,
     "add_steer_rmsnorm": _add_steer_rmsnorm_impl,
-    "sparse_linear": _sparse_linear_impl,
+    "sparse_linear": sparse_rows,
     "steer_sparse_linear": _steer_sparse_linear_impl,
     "steer_": _steer_inplace_impl,
     "add_steer_rmsnorm_": _add_steer_rmsnorm_inplace_impl,
@@ -197,6 +208,11 @@ def _eager(name: str):
 _EAGER = {name: _eager(name) for name in SCHEMAS}
 
 
+def is_direct(x: torch.Tensor) -> bool:
+    """Whether a hot path may call the implementation directly for ``x`` (see :func:`hot`)."""
+    return not (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()))
+
+
 def hot(name: str, x: torch.Tensor):
     """The op for a per-token hot path that reads ``x``.
 
@@ -206,31 +222,7 @@ def hot(name: str, x: torch.Tensor):
     device implementation called directly, which saves the ~7 us per call that
     the dispatcher spends boxing a dozen optional arguments into Python.
     """
-    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
-        return _PACKETS[name]
-    return _EAGER[name]
-
-
-def steer_rows_(h: torch.Tensor, index, table, backend: str = "auto") -> None:
-    """``steer_`` on a contiguous ``h`` straight into the kernel: the eager hot
-    path of a patched layer (checked once, at patch time), with the fewest
-    Python frames per call.  Callers check :func:`hot_in_place` first."""
-    fn = backends.select("steer_", h.device.type, backend)
-    fn(h.view(-1, h.shape[-1]), None if index is None else index.view(-1), *table)
-
-
-def sparse_rows(x: torch.Tensor, weight_t, bias, scale, threshold, topk: int, backend: str = "auto"):
-    """``sparse_linear`` on a contiguous ``x`` straight into the kernel: the
-    eager decode path of a patched projection (checked at patch time).
-    Callers check that :func:`hot` gives the direct call first."""
-    fn = backends.select("sparse_linear", x.device.type, backend)
-    y = fn(x.view(-1, x.shape[-1]), weight_t, bias, scale, threshold, topk)
-    return y.view(*x.shape[:-1], weight_t.shape[1])
-
-
-def is_direct(x: torch.Tensor) -> bool:
-    """Whether :func:`hot` would call the implementation directly for ``x``."""
-    return not (torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()))
+    return _EAGER[name] if is_direct(x) else _PACKETS[name]
 
 
 def hot_in_place(name: str, x: torch.Tensor):

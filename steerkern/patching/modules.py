@@ -162,7 +162,7 @@ class SiteSteer(nn.Module):
         """Steer ``h``, a fresh tensor the layer itself just made (``residual +
         out``) that nothing else holds: in place in eager inference, so nothing
         is allocated; the out-of-place op under autograd or torch.compile."""
-        if library.hot_in_place("steer", h) is None or not h.is_contiguous():
+        if library.hot_in_place("steer", h) is None:
             return self(h)
         for table, slot in zip(self.tables, self.slots):
             library.steer_rows_(h, self.tracker.index(slot, h), table.tensors(), self.backend)
@@ -258,7 +258,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 1 or x.shape[-2] == 1:
-            if library.is_direct(x) and x.is_contiguous():
+            if library.is_direct(x):
                 outs = [library.sparse_rows(x, p.weight_t, p.bias, p.scale, t, -1, self.backend)
                         for p, t in zip(self.parts, self.thresholds)]
             else:
