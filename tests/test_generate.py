@@ -107,6 +107,36 @@ def test_variants_must_be_chosen_for_a_multi_variant_plan():
             model(M.input_ids(2))
 
 
+def test_new_variants_take_effect_on_the_next_call():
+    # with positions "all" no position hook runs, so nothing but set_variants
+    # itself can tell the cached row indices that the variants changed
+    model = M.build("llama")
+    a, b = plan_at("all", 1), plan_at("all", 2)
+    ids = M.input_ids(2, 5)
+    plain = model(ids).logits
+    with steerkern.patch(model, a):
+        want_a = model(ids).logits
+    with steerkern.patch(model, SteeringPlan.per_row([a, b])) as handle:
+        handle.set_variants([1, 1])
+        torch.testing.assert_close(model(ids).logits, want_a, atol=1e-4, rtol=1e-4)
+        handle.set_variants([0, 0])
+        assert torch.equal(model(ids).logits, plain)
+        handle.set_variants([0, 1])
+        got = model(ids).logits
+    assert torch.equal(got[0], plain[0])
+    torch.testing.assert_close(got[1], want_a[1], atol=1e-4, rtol=1e-4)
+
+
+def test_equal_slots_are_shared_so_the_row_index_is_built_once_per_forward():
+    model = M.build("llama")
+    plan = SteeringPlan([Intervention(SteerEntry(vector=torch.ones(M.HIDDEN)), "pre", positions="generated")])
+    with steerkern.patch(model, plan) as handle:
+        slots = {id(s) for layer in model.model.layers for s in layer.steerkern.pre.slots}
+        assert len(slots) == 1
+        model(M.input_ids(1, 4))
+        assert len(handle.tracker._cache) == 1
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_generate_unchanged_by_an_empty_patch(family):
     model = M.build(family)

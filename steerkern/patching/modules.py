@@ -61,9 +61,19 @@ class TokenPositions:
     """
 
     def __init__(self) -> None:
-        self.variant_rows: Optional[Tensor] = None  # [B] int32, set by the handle
+        self._variant_rows: Optional[Tensor] = None  # [B] int32, set by the handle
         self.positions: Optional[Tensor] = None     # [B, S] int64
         self.prompt_len: Optional[Tensor] = None    # [B] int64
+        self._cache = {}
+
+    @property
+    def variant_rows(self) -> Optional[Tensor]:
+        return self._variant_rows
+
+    @variant_rows.setter
+    def variant_rows(self, rows: Optional[Tensor]) -> None:
+        # the cached indices were built from the old variants
+        self._variant_rows = rows
         self._cache = {}
 
     def begin(self, batch: int, seq: int, past: int, attention_mask: Optional[Tensor], device) -> None:

@@ -215,12 +215,14 @@ def _part_widths(family: registry.Family, path: str, names, module: nn.Module, c
     return None  # GPT-NeoX interleaves q, k, v per head: one part
 
 
-def _layer_slots(plan: SteeringPlan, layer: int, site: str, d: int, device):
+def _layer_slots(plan: SteeringPlan, layer: int, site: str, d: int, device, pool: Dict[tuple, Slot]):
     """The tables and slots at (layer, site), and where each intervention went.
 
     Slot ``j`` holds the ``j``-th intervention (at this layer and site) of
     every variant, split further by position mode, so each variant keeps its
-    own order and each slot has one position mode.
+    own order and each slot has one position mode.  Equal slots come from
+    ``pool``, shared by every layer and site: the tracker computes a slot's
+    row index once per forward, not once per layer.
     """
     K = plan.num_variants
     per_variant = []
@@ -243,7 +245,10 @@ def _layer_slots(plan: SteeringPlan, layer: int, site: str, d: int, device):
                 vmap[k] = row + 1
                 placed.append(((k, i), len(tables), row))
             tables.append(SteerTable.from_entries(entries, d, device=device))
-            slots.append(Slot(positions, vmap.to(device)))
+            key = (positions, tuple(vmap.tolist()))
+            if key not in pool:
+                pool[key] = Slot(positions, vmap.to(device))
+            slots.append(pool[key])
     return tables, slots, placed
 
 
@@ -310,9 +315,10 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
     # plan -> tables, all built before the model is touched
     site_plans = {}
     if steering is not None and not steering.is_empty:
+        pool: Dict[tuple, Slot] = {}
         for layer in range(L):
             for site in SITES:
-                tables, slots, placed = _layer_slots(steering, layer, site, d, device)
+                tables, slots, placed = _layer_slots(steering, layer, site, d, device, pool)
                 if tables:
                     site_plans[(layer, site)] = (tables, slots, placed)
 
