@@ -15,8 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..patching.patch import _part_widths
-from ..patching.registry import submodule, family_for
+from ..patching.registry import family_for, part_widths, submodule
 from ..plan import SPARSITY_MODES, SparsityPlan
 from . import allocate
 from .collect import Collected, Projection, Site, collect, masked, realized_sparsity, _progress
@@ -43,7 +42,7 @@ def projection_sites(model: nn.Module) -> Tuple[Dict[Site, Projection], List[nn.
                                  "(steerkern.unpatch(model))")
             if mod is None or getattr(mod, "weight", None) is None:
                 raise ValueError(f"model: layer {i} has no projection at {path!r} ({fam.name} family)")
-            widths = _part_widths(fam, path, names, mod, model.config) if len(names) > 1 else None
+            widths = part_widths(fam, names, model.config)
             start = 0
             for j, name in enumerate(names):
                 rows = None if widths is None else (start, start + widths[j])

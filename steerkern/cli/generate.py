@@ -70,16 +70,13 @@ def load_vectors(path: str):
     """``{layer or None: vector}`` from a vector file; None means every layer."""
     import torch
 
+    from ..vectors import io as vio
+
     try:
-        from ..vectors import io as vio
-    except ImportError:  # the vectors package is optional in this layer
-        vio = None
-    if vio is not None:
-        try:
-            vs = vio.load(path)
-            return {layer: v for layer, v in vs}, vs.site
-        except ValueError:
-            pass  # maybe a plain tensor file
+        vs = vio.load(path)
+        return {layer: v for layer, v in vs}, vs.site
+    except ValueError:
+        pass  # maybe a plain tensor file
     from safetensors.torch import load_file
 
     try:
@@ -96,7 +93,7 @@ def load_vectors(path: str):
     raise ValueError(f"--vector: expected a tensor [d] or [num_layers, d], got {list(t.shape)}")
 
 
-def build_steering(args, num_layers: int):
+def build_steering(args):
     import torch
 
     from ..ops.table import SteerEntry, orthonormalize
@@ -145,7 +142,7 @@ def run(args) -> int:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-    steering = build_steering(args, model.config.get_text_config().num_hidden_layers)
+    steering = build_steering(args)
     sparsity = None
     if args.sparsity_plan:
         from ..plan import SparsityPlan

@@ -209,7 +209,8 @@ class SparseLinear(nn.Module):
     """
 
     def __init__(self, original: nn.Module, transposed: bool, parts: Sequence[Tuple[int, float]],
-                 mode: str, prefill: str, backend: str = "auto", share_layout: bool = False) -> None:
+                 mode: str, prefill: str, backend: str = "auto", layer: Optional[int] = None,
+                 names: Sequence[str] = ()) -> None:
         super().__init__()
         # ``transposed``: the original stores W^T [in, out] (GPT-2's Conv1D)
         self.weight = original.weight
@@ -225,7 +226,7 @@ class SparseLinear(nn.Module):
             self.ranges.append((start, start + width))
             rows = w_out_in[start:start + width]
             b = None if self.bias is None else self.bias.detach()[start:start + width]
-            if share_layout and transposed and len(parts) == 1:
+            if transposed and len(parts) == 1:
                 # Conv1D already stores W^T contiguous: no copy needed
                 sw = SparseWeight(w.contiguous(), b, rows.float().norm(dim=0) if mode == "wina" else None)
             else:
@@ -235,6 +236,8 @@ class SparseLinear(nn.Module):
             start += width
         self.in_features = w_out_in.shape[1]
         self.out_features = w_out_in.shape[0]
+        self.layer, self.names = layer, tuple(names)  # where it sits, for set_threshold
+        self.dropped_bytes = 0  # the original layout freed by drop_dense
 
     @property
     def layout_bytes(self) -> int:

@@ -199,22 +199,6 @@ def _check_backend(device: torch.device, backend: str, ops: Sequence[str]) -> No
         backends.choose(op, device.type, backend)  # raises ValueError naming the backend
 
 
-def _part_widths(family: registry.Family, path: str, names, module: nn.Module, config) -> Optional[List[int]]:
-    """Output widths of the parts of a fused projection; None: cannot split it."""
-    if len(names) == 1:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if family.name == "phi3":
-        if names == ("gate_proj", "up_proj"):
-            return [text.intermediate_size] * 2
-        hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        return [text.num_attention_heads * hd, kv * hd, kv * hd]
-    if family.name == "gpt2":
-        return [text.n_embd] * 3
-    return None  # GPT-NeoX interleaves q, k, v per head: one part
-
-
 def _layer_slots(plan: SteeringPlan, layer: int, site: str, d: int, device, pool: Dict[tuple, Slot]):
     """The tables and slots at (layer, site), and where each intervention went.
 
@@ -328,11 +312,9 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
         old.remove()
     handle = PatchHandle(model, family, steering, sparsity, backend)
     handle._owner = owner
-    for (layer_idx, proj_path, parent, name, original, parts, names, transposed) in sparse_jobs:
+    for (layer_idx, _, parent, name, original, parts, names, transposed) in sparse_jobs:
         sl = SparseLinear(original, transposed, parts, sparsity.mode, sparsity.prefill, backend,
-                          share_layout=True)
-        sl.layer, sl.names = layer_idx, names
-        sl.dropped_bytes = 0
+                          layer=layer_idx, names=names)
         setattr(parent, name, sl)
         handle._swapped.append((parent, name, original, sl))
         if drop_dense and sl.layout_bytes and not _tied_to_embeddings(model, original):
@@ -390,7 +372,7 @@ def _sparse_jobs(family, layers, plan: SparsityPlan, config, old: Optional[Patch
                 raise ValueError(f"sparsity: layer {i}: {path} is a {type(original).__name__}, not a linear layer")
             if out is None:
                 out = original.weight.shape[1] if transposed else original.weight.shape[0]
-            widths = _part_widths(family, path, names, original, config)
+            widths = registry.part_widths(family, names, config)
             if widths is None:
                 if len(set(ts)) > 1:
                     raise ValueError(f"sparsity: layer {i}: {path} computes {list(names)} in one fused "

@@ -156,10 +156,6 @@ def family_for(model: nn.Module, *, sites: Sequence[str] = (), sparsity: bool = 
     return GENERIC
 
 
-def num_layers(model: nn.Module, family: Family) -> int:
-    return len(family.find_layers(model)[2])
-
-
 def hidden_size(model: nn.Module) -> Optional[int]:
     config = getattr(model, "config", None)
     if config is None:
@@ -171,3 +167,18 @@ def hidden_size(model: nn.Module) -> Optional[int]:
             return val
     return None
 
+
+def part_widths(family: Family, names, config) -> Optional[List[int]]:
+    """Output widths of the parts of a fused projection; None: cannot split it."""
+    if len(names) == 1:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if family.name == "phi3":
+        if names == ("gate_proj", "up_proj"):
+            return [text.intermediate_size] * 2
+        hd = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        return [text.num_attention_heads * hd, kv * hd, kv * hd]
+    if family.name == "gpt2":
+        return [text.n_embd] * 3
+    return None  # GPT-NeoX interleaves q, k, v per head: one part

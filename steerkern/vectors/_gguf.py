@@ -12,8 +12,8 @@ where a string is ``u64 length + UTF-8 bytes`` and an array is ``element type
 u32 + count u64 + elements``.  The reader checks every length and count
 against the bytes that remain before it reads or allocates anything, so a
 malformed, truncated or hostile file costs at most its own size and ends in a
-ValueError.  Only F32, F16 and BF16 tensors are decoded (all a control vector
-needs); other ggml types are refused.
+ValueError.  Only F32 tensors are decoded (what control vectors hold); other
+ggml types are refused.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ _SCALAR = {UINT8: "<u1", INT8: "<i1", UINT16: "<u2", INT16: "<i2", UINT32: "<u4"
            FLOAT32: "<f4", BOOL: "<u1", UINT64: "<u8", INT64: "<i8", FLOAT64: "<f8"}
 
 # ggml tensor types this module decodes
-GGML_F32, GGML_F16, GGML_BF16 = 0, 1, 30
-_TENSOR_DTYPE = {GGML_F32: np.dtype("<f4"), GGML_F16: np.dtype("<f2"), GGML_BF16: np.dtype("<u2")}
+GGML_F32 = 0
+_TENSOR_DTYPE = {GGML_F32: np.dtype("<f4")}  # control vectors are F32
 
 
 @dataclasses.dataclass
@@ -189,7 +189,7 @@ def parse(buf: bytes) -> GGUFFile:
     tensors = []
     for name, dims, ggml_type, offset in infos:
         if ggml_type not in _TENSOR_DTYPE:
-            raise ValueError(f"tensor {name!r}: ggml type {ggml_type} is not supported (F32, F16, BF16 only)")
+            raise ValueError(f"tensor {name!r}: ggml type {ggml_type} is not supported (F32 only)")
         count = 1
         for d in dims:
             count *= d  # Python ints: no overflow; bounded by the check below
@@ -200,11 +200,7 @@ def parse(buf: bytes) -> GGUFFile:
             raise ValueError(f"truncated or corrupt GGUF: tensor {name!r} ({nbytes} bytes at data offset {offset}) "
                              f"lies outside the {max(data_len, 0)} bytes of tensor data")
         raw = np.frombuffer(c.buf, dtype=_TENSOR_DTYPE[ggml_type], count=count, offset=data_start + offset)
-        if ggml_type == GGML_BF16:
-            data = (raw.astype(np.uint32) << 16).view(np.float32)
-        else:
-            data = raw.astype(np.float32)
-        tensors.append(GGUFTensor(name, ggml_type, dims, data))
+        tensors.append(GGUFTensor(name, ggml_type, dims, raw.astype(np.float32)))
     return GGUFFile(version, metadata, types, tensors, alignment)
 
 
