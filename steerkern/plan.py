@@ -71,7 +71,13 @@ _ENTRY_TENSORS = ("directions", "target", "vector", "scale", "shift", "condition
 _ENTRY_SCALARS = ("gain", "alpha", "threshold", "preserve_norm")
 
 
-_f32 = float_tensor
+def layer_index(value, name: str) -> int:
+    """``value`` as a layer index: an int >= 0, or its digits as a string (a JSON key)."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected a layer index (int >= 0), got {value!r}")
+    return int(value)
 
 
 def _layer_list(layers, name: str) -> Optional[List[int]]:
@@ -116,16 +122,13 @@ class Intervention:
         if isinstance(coef, Mapping):
             out = {}
             for k, v in coef.items():
-                if isinstance(k, str) and k.isdigit():
-                    k = int(k)
-                if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                    raise ValueError(f"coefficients: keys must be layer indices, got {k!r}")
-                out[k] = _finite(v, f"coefficients[{k}]")
+                k = layer_index(k, "coefficients")
+                out[k] = finite_scalar(v, f"coefficients[{k}]")
             if self.layers is not None and not set(out) <= set(self.layers):
                 raise ValueError(f"coefficients: layers {sorted(set(out) - set(self.layers))} "
                                  f"are not in layers {self.layers}")
             return out
-        values = [_finite(v, f"coefficients[{i}]") for i, v in enumerate(coef)]
+        values = [finite_scalar(v, f"coefficients[{i}]") for i, v in enumerate(coef)]
         if self.layers is None:
             # aligned with every layer of the model: checked against it at patch time
             return dict(enumerate(values))
@@ -135,7 +138,7 @@ class Intervention:
         return dict(zip(self.layers, values))
 
     def _normalize_entry(self, e: SteerEntry) -> SteerEntry:
-        tensors = {n: None if getattr(e, n) is None else _f32(getattr(e, n), f"entry.{n}")
+        tensors = {n: None if getattr(e, n) is None else float_tensor(getattr(e, n), f"entry.{n}")
                    for n in _ENTRY_TENSORS}
         d = None
         for n in ("vector", "scale", "shift", "condition", "directions"):
@@ -149,8 +152,8 @@ class Intervention:
         if vec is not None and vec.dim() not in (1, 2):
             raise ValueError(f"entry.vector: expected shape [{d}] or [num_layers, {d}], got {list(vec.shape)}")
         out = SteerEntry(
-            directions=tensors["directions"], target=tensors["target"], gain=_finite(e.gain, "entry.gain"),
-            vector=vec, alpha=_finite(e.alpha, "entry.alpha"), scale=tensors["scale"],
+            directions=tensors["directions"], target=tensors["target"], gain=finite_scalar(e.gain, "entry.gain"),
+            vector=vec, alpha=finite_scalar(e.alpha, "entry.alpha"), scale=tensors["scale"],
             shift=tensors["shift"], condition=tensors["condition"], threshold=float(e.threshold),
             preserve_norm=bool(e.preserve_norm))
         if math.isnan(out.threshold):
@@ -214,7 +217,6 @@ class Intervention:
                    coefficients=meta["coefficients"], positions=meta["positions"])
 
 
-_finite = finite_scalar
 
 
 def _check_positions(p) -> Positions:
@@ -408,24 +410,21 @@ class SparsityPlan:
         if self.prefill not in PREFILL_MODES:
             raise ValueError(f"prefill: expected one of {PREFILL_MODES}, got {self.prefill!r}")
         if self.target is not None:
-            self.target = _finite(self.target, "target")
+            self.target = finite_scalar(self.target, "target")
             if not 0.0 <= self.target < 1.0:
                 raise ValueError(f"target: expected a sparsity in [0, 1), got {self.target}")
         if self.num_layers is not None and (isinstance(self.num_layers, bool)
                                             or not isinstance(self.num_layers, int) or self.num_layers < 1):
             raise ValueError(f"num_layers: expected a positive int, got {self.num_layers!r}")
         if self.lm_head is not None:
-            self.lm_head = _finite(self.lm_head, "lm_head")
+            self.lm_head = finite_scalar(self.lm_head, "lm_head")
             if self.lm_head < 0:
                 raise ValueError(f"lm_head: a threshold must be >= 0, got {self.lm_head}")
         if not isinstance(self.thresholds, Mapping):
             raise ValueError("thresholds: expected a {layer: {projection: threshold}} mapping")
         out: Dict[int, Dict[str, float]] = {}
         for layer, per in self.thresholds.items():
-            if isinstance(layer, str) and layer.isdigit():
-                layer = int(layer)
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"thresholds: keys must be layer indices, got {layer!r}")
+            layer = layer_index(layer, "thresholds")
             if self.num_layers is not None and layer >= self.num_layers:
                 raise ValueError(f"thresholds: layer {layer} out of range for num_layers={self.num_layers}")
             if not isinstance(per, Mapping):
@@ -435,7 +434,7 @@ class SparsityPlan:
                 if proj not in PROJECTIONS:
                     raise ValueError(f"thresholds[{layer}]: unknown projection {proj!r}; expected one of "
                                      f"{PROJECTIONS}")
-                t = _finite(t, f"thresholds[{layer}][{proj}]")
+                t = finite_scalar(t, f"thresholds[{layer}][{proj}]")
                 if t < 0:
                     raise ValueError(f"thresholds[{layer}][{proj}]: must be >= 0, got {t}")
                 row[proj] = t

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import reference
+from ..patching.registry import model_device
 from .histogram import ScoreHistogram
 
 Site = Tuple[int, str]  # (layer index, canonical projection name)
@@ -119,10 +120,6 @@ def model_kwargs(model: nn.Module, input_ids: Tensor) -> dict:
     if "use_cache" in params:
         kw["use_cache"] = False
     return kw
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _progress(iterable, desc: str, show: bool, total: Optional[int] = None):

@@ -109,7 +109,7 @@ class PatchHandle:
         if t.numel() and (int(t.min()) < 0 or int(t.max()) > K):
             raise ValueError(f"index: values must lie in [0, {K}] (0 = unsteered, j = variant j), "
                              f"got [{int(t.min())}, {int(t.max())}]")
-        self.tracker.variant_rows = t.to(device=_device(self.model), dtype=torch.int32)
+        self.tracker.variant_rows = t.to(device=registry.model_device(self.model), dtype=torch.int32)
 
     def _placed(self, intervention: int, variant: int) -> Tuple[Intervention, List[_Placement]]:
         if self.steering is None or not 1 <= variant <= self.steering.num_variants:
@@ -172,12 +172,6 @@ class PatchHandle:
         n_sites = len(self.sites()) if self.active else 0
         return (f"PatchHandle(family={self.family.name}, layers={len(self._layers)}, steering_sites={n_sites}, "
                 f"sparse_projections={len(self._swapped)}, active={self.active})")
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _model_name(model: nn.Module) -> Optional[str]:
@@ -257,7 +251,7 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
     owner, _, layers = family.find_layers(model)
     L = len(layers)
     d = registry.hidden_size(model)
-    device = _device(model)
+    device = registry.model_device(model)
     ops = ["steer"] + (["add_steer_rmsnorm"] if family.mlp_norm and "post_attn" in sites else []) + (
         ["sparse_linear"] if sparse else [])
     _check_backend(device, backend, ops)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from ..plan import SITES
@@ -182,3 +183,10 @@ def part_widths(family: Family, names, config) -> Optional[List[int]]:
     if family.name == "gpt2":
         return [text.n_embd] * 3
     return None  # GPT-NeoX interleaves q, k, v per head: one part
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

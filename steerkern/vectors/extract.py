@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..patching.registry import model_device
 from .probe import fit_logistic
 from .vectorset import STREAM_SITES, VectorSet
 
@@ -197,7 +198,7 @@ def collect_activations(model, tokenizer, prompts: Sequence[str], layers: Option
         raise ValueError(f"layers: expected indices in [0, {n_layers}), got {layers}")
     rendered, ends = render_prompts(tokenizer, prompts, chat_template=chat_template,
                                     system_prompt=system_prompt, suffix=suffix)
-    device = next(model.parameters()).device
+    device = model_device(model)
     out: Dict[int, List[Tensor]] = {layer: [] for layer in layers}
     batches = range(0, len(rendered), batch_size)
     if progress:

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..patching.registry import model_device
 from .vectorset import VectorSet
 
 Metric = Callable[[nn.Module], Union[float, Mapping[str, float]]]
@@ -120,7 +121,7 @@ def next_token_score(tokenizer, prompts: Sequence[str], tokens: Sequence[Union[s
     rendered, _ = render_prompts(tokenizer, list(prompts), chat_template=chat_template)
 
     def score(model: nn.Module) -> float:
-        device = next(model.parameters()).device
+        device = model_device(model)
         total, count = 0.0, 0
         with _tokenizer_for_batches(tokenizer), torch.no_grad():
             for s in range(0, len(rendered), batch_size):

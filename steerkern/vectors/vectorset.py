@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 from ..ops.table import finite_scalar, float_tensor
+from ..plan import SITES, layer_index
 
 STREAM_SITES = ("pre", "post_mlp")
-SITES = ("pre", "post_attn", "post_mlp")
 
 Coefficients = Union[float, Mapping[int, float]]
 
@@ -35,14 +35,6 @@ def _as_vector(value, name: str) -> Tensor:
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"{name}: expected shape [d], got {list(t.shape)}")
     return t
-
-
-def _layer(value, name: str) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: expected a layer index (int >= 0), got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass
@@ -73,7 +65,7 @@ class VectorSet:
             raise ValueError("vectors: expected a {layer: vector} mapping")
         vecs = {}
         for k, v in self.vectors.items():
-            layer = _layer(k, "vectors")
+            layer = layer_index(k, "vectors")
             if layer in vecs:
                 raise ValueError(f"vectors: layer {layer} given twice")
             vecs[layer] = _as_vector(v, f"vectors[{layer}]")
@@ -110,7 +102,7 @@ class VectorSet:
         t = torch.as_tensor(tensor)
         if t.dim() != 2:
             raise ValueError(f"tensor: expected shape [n, d], got {list(t.shape)}")
-        layers = list(range(t.shape[0])) if layers is None else [_layer(x, "layers") for x in layers]
+        layers = list(range(t.shape[0])) if layers is None else [layer_index(x, "layers") for x in layers]
         if len(layers) != t.shape[0]:
             raise ValueError(f"layers: expected {t.shape[0]} entries (one per row of tensor), got {len(layers)}")
         if len(set(layers)) != len(layers):
@@ -202,10 +194,10 @@ class VectorSet:
         if isinstance(coefficients, Mapping):
             out = {}
             for k, c in coefficients.items():
-                layer = _layer(k, "coefficients")
-                out[layer] = self[layer] * _finite(c, f"coefficients[{layer}]")
+                layer = layer_index(k, "coefficients")
+                out[layer] = self[layer] * finite_scalar(c, f"coefficients[{layer}]")
             return self.replace(out)
-        c = _finite(coefficients, "coefficients")
+        c = finite_scalar(coefficients, "coefficients")
         return self.replace({layer: v * c for layer, v in self})
 
     def at_site(self, site: str) -> "VectorSet":
@@ -266,7 +258,7 @@ class VectorSet:
     __rmul__ = __mul__
 
     def __truediv__(self, c):
-        c = _finite(c, "divisor")
+        c = finite_scalar(c, "divisor")
         if c == 0.0:
             raise ValueError("divisor: division by zero")
         return self.scaled(1.0 / c)
@@ -355,4 +347,3 @@ def compose(terms: Sequence[Tuple[VectorSet, Coefficients]]) -> VectorSet:
     return out
 
 
-_finite = finite_scalar
