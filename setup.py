@@ -12,7 +12,7 @@ import sys
 from setuptools import setup
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "steerkern", "kernels"))
-from _build_flags import cpu_compile_args, cuda_archs  # noqa: E402
+from _build_flags import cpu_compile_args, cuda_compile_args  # noqa: E402
 
 from torch.utils import cpp_extension  # noqa: E402
 
@@ -38,13 +38,8 @@ ext_modules = [
 ]
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 if cuda_sources and want_cuda():
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs()]
     ext_modules.append(
-        cpp_extension.CUDAExtension(
-            "steerkern._C_cuda",
-            cuda_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]},
-        )
+        cpp_extension.CUDAExtension("steerkern._C_cuda", cuda_sources, extra_compile_args=cuda_compile_args())
     )
 
 setup(

@@ -67,14 +67,6 @@ inline uint16_t f32_to_f16(float f) {
   return sign | uint16_t(a >> 13);
 }
 
-inline float load_scalar(const void* p, DType t, int64_t i) {
-  switch (t) {
-    case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-
 inline int64_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
 
 // One steering table (see steerkern/ops/reference.py), fp32, K entries.
@@ -119,7 +111,7 @@ struct SparseJob {
   int64_t nact = 0;
   const int32_t* idx = nullptr;  // [nact], ascending
   const float* coef = nullptr;   // [B, coef_ld]
-  int64_t coef_ld = 0;           // row stride of coef (0: nact)
+  int64_t coef_ld = 0;           // row stride of coef: nact, or the whole job's nact for a part of it
   const void* wt = nullptr;      // [in, out]
   DType wdt = DType::F32;
   int64_t out = 0;
@@ -137,8 +129,6 @@ struct Kernels {
   void (*scores)(const void* x, DType xdt, const float* scale, int64_t n, float* xf, float* score);
   // columns [c0, c1) of every output row
   void (*sparse_cols)(const SparseJob& job, int64_t c0, int64_t c1);
-  // dst[i] = float(src[i])
-  void (*to_f32)(const void* src, DType dt, int64_t n, float* dst);
 };
 
 extern const Kernels kPortableKernels;
@@ -158,8 +148,8 @@ const char* capability();
 const char* set_capability(const char* name);
 
 // A per-thread fp32 scratch buffer of at least n floats (grows, never shrinks).
-// Slots 0-2 belong to the kernels, 3-5 to the ATen layer.
-constexpr int kScratchSlots = 6;
+// Slots 0-2 belong to the kernels, 3-4 to the ATen layer.
+constexpr int kScratchSlots = 5;
 float* scratch(int64_t n, int slot);
 
 }  // namespace cpu

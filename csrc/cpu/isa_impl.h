@@ -506,7 +506,7 @@ inline void rows_pass(const SparseJob& job, int64_t j, int64_t t0, int64_t n, fl
   const int64_t es = dtype_size(WT);
   for (int g = 0; g < G; ++g) {
     w[g] = static_cast<const char*>(job.wt) + (int64_t(job.idx[j + g]) * job.out + t0) * es;
-    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * (job.coef_ld ? job.coef_ld : job.nact) + j + g];
+    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * job.coef_ld + j + g];
   }
   each(n, [&](auto o, int64_t i) {
     using O = decltype(o);
@@ -542,7 +542,7 @@ inline void rows_pass_bf16(const SparseJob& job, int64_t j, int64_t t0, int64_t 
     w[g] = static_cast<const uint16_t*>(job.wt) + int64_t(job.idx[j + g]) * job.out + t0;
     const int64_t jn = std::min<int64_t>(j + G + g, job.nact - 1);
     pf[g] = reinterpret_cast<const char*>(static_cast<const uint16_t*>(job.wt) + int64_t(job.idx[jn]) * job.out + t0);
-    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * (job.coef_ld ? job.coef_ld : job.nact) + j + g];
+    for (int b = 0; b < B; ++b) c[b][g] = job.coef[b * job.coef_ld + j + g];
   }
   int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
@@ -561,15 +561,7 @@ inline void rows_pass_bf16(const SparseJob& job, int64_t j, int64_t t0, int64_t 
       vstore_f32(a + W, ao);
     }
   }
-  for (; i < n; ++i) {
-    float wv[G];
-    for (int g = 0; g < G; ++g) wv[g] = bf16_to_f32(w[g][i]);
-    for (int b = 0; b < B; ++b) {
-      float a = acc[b * tc + i];
-      for (int g = 0; g < G; ++g) a = std::fma(c[b][g], wv[g], a);
-      acc[b * tc + i] = a;
-    }
-  }
+  if (i < n) rows_pass<B, G, DType::BF16>(job, j, t0 + i, n - i, acc + i, tc);  // the tail, natural order
 }
 
 // Back to natural column order: [W even | W odd] -> interleaved, per block.
@@ -692,21 +684,8 @@ void sparse_cols(const SparseJob& job, int64_t c0, int64_t c1) {
   }
 }
 
-template <DType T>
-void to_f32_t(const void* src, int64_t n, float* dst) {
-  each(n, [&](auto o, int64_t i) { decltype(o)::store(dst + i, decltype(o)::template ld<T>(src, i)); });
-}
-
-void to_f32(const void* src, DType dt, int64_t n, float* dst) {
-  switch (dt) {
-    case DType::F32: to_f32_t<DType::F32>(src, n, dst); break;
-    case DType::BF16: to_f32_t<DType::BF16>(src, n, dst); break;
-    case DType::F16: to_f32_t<DType::F16>(src, n, dst); break;
-  }
-}
-
 }  // namespace
 
 Kernels make_kernels(const char* name) {
-  return Kernels{name, steer_rows, add_steer_rmsnorm_rows, scores, sparse_cols, to_f32};
+  return Kernels{name, steer_rows, add_steer_rmsnorm_rows, scores, sparse_cols};
 }

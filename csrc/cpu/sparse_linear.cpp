@@ -84,6 +84,13 @@ inline uint32_t order_key(float s) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Make v hold at least n elements (grows, never shrinks: a per-call buffer
+// kept per thread costs no allocation once warm).
+template <class T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
+}
+
 // flag[i] = 1 for the k largest scores; ties keep the lower index, NaN ranks
 // highest: the stable descending sort of reference.sparse_mask.  Radix
 // selection of the k-th largest key (11 + 11 + 10 bits), then one ordered scan.
@@ -96,9 +103,12 @@ void topk_flags(const float* score, int64_t n, int64_t k, uint8_t* flag) {
     std::fill(flag, flag + n, uint8_t(1));
     return;
   }
-  std::unique_ptr<uint32_t[]> keys(new uint32_t[n]), cand(new uint32_t[n]);
+  // per thread, reused: this runs once per row per call
+  thread_local std::vector<uint32_t> keys, cand;
+  grow(keys, n);
+  grow(cand, n);
   for (int64_t i = 0; i < n; ++i) keys[i] = order_key(score[i]);
-  const uint32_t* src = keys.get();
+  const uint32_t* src = keys.data();
   int64_t count = n;
   int64_t need = k;  // how many of the remaining candidates to keep
   uint32_t prefix = 0;
@@ -119,7 +129,7 @@ void topk_flags(const float* score, int64_t n, int64_t k, uint8_t* flag) {
       cand[kept] = src[i];
       kept += ((src[i] >> shifts[p]) & mask) == digit;
     }
-    src = cand.get();
+    src = cand.data();
     count = kept;
   }
   // prefix is the k-th largest key; keep everything above it and the first
@@ -177,8 +187,7 @@ void split_inputs(const SparseJob& job, const Kernels& kern, int64_t chunks, int
     for (int64_t c = c0; c < c1; ++c) {
       SparseJob part = job;
       part.idx = job.idx + first[c];
-      part.coef = job.coef + first[c];
-      part.coef_ld = job.nact;
+      part.coef = job.coef + first[c];  // coef_ld stays the whole job's nact
       part.nact = first[c + 1] - first[c];
       part.bias = nullptr;
       part.y = partial + c * B * out;
@@ -203,14 +212,19 @@ void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   const int64_t B = x.size(0), in = a.in;
   const DType xdt = float_dtype(x, "x");
   const int64_t xs = dtype_size(xdt);
-  std::unique_ptr<float[]> xf(new float[B * in]), score(new float[in]);
-  std::unique_ptr<uint8_t[]> flags(new uint8_t[B * in]);
+  // per thread, reused: one call per projection per decoded token
+  thread_local std::vector<float> xf, score, coef;
+  thread_local std::vector<uint8_t> flags;
+  thread_local std::vector<int32_t> idx;
+  grow(xf, B * in);
+  grow(score, in);
+  grow(flags, B * in);
+  grow(idx, in);
   for (int64_t b = 0; b < B; ++b) {
-    kern.scores(static_cast<const char*>(x.data_ptr()) + b * in * xs, xdt, opt_ptr(a.scale), in, xf.get() + b * in,
-                score.get());
-    mask_row(score.get(), in, a, flags.get() + b * in);
+    kern.scores(static_cast<const char*>(x.data_ptr()) + b * in * xs, xdt, opt_ptr(a.scale), in, xf.data() + b * in,
+                score.data());
+    mask_row(score.data(), in, a, flags.data() + b * in);
   }
-  std::unique_ptr<int32_t[]> idx(new int32_t[in]);
   int64_t nact = 0;
   for (int64_t i = 0; i < in; ++i) {
     uint8_t any = 0;
@@ -218,17 +232,18 @@ void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
     idx[nact] = int32_t(i);
     nact += any;
   }
-  std::unique_ptr<float[]> coef(new float[B * std::max<int64_t>(nact, 1)]);
+  grow(coef, B * nact);
   for (int64_t b = 0; b < B; ++b) {
-    const float* xb = xf.get() + b * in;
-    const uint8_t* fb = flags.get() + b * in;
+    const float* xb = xf.data() + b * in;
+    const uint8_t* fb = flags.data() + b * in;
     for (int64_t j = 0; j < nact; ++j) coef[b * nact + j] = fb[idx[j]] ? xb[idx[j]] : 0.0f;
   }
   SparseJob job;
   job.B = B;
   job.nact = nact;
-  job.idx = idx.get();
-  job.coef = coef.get();
+  job.idx = idx.data();
+  job.coef = coef.data();
+  job.coef_ld = nact;
   job.wt = a.weight_t.data_ptr();
   job.wdt = a.wdt;
   job.out = a.out;

@@ -213,10 +213,8 @@ at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, cons
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "steerkern CUDA kernels (csrc/cuda)";
-  m.attr("DEFAULT_DENSE_CROSSOVER") = steerkern_cuda::kDefaultDenseCrossover;
-  m.def("dense_crossover", [] { return steerkern_cuda::g_dense_crossover; },
+  m.def("set_dense_crossover", [](int64_t rows) { steerkern_cuda::g_dense_crossover = rows; },
         "rows above which sparse_linear runs the masked dense matmul");
-  m.def("set_dense_crossover", [](int64_t rows) { steerkern_cuda::g_dense_crossover = rows; });
   m.def("steer", &steerkern_cuda::steer);
   m.def("add_steer_rmsnorm", &steerkern_cuda::add_steer_rmsnorm);
   m.def("sparse_linear", &steerkern_cuda::sparse_linear);

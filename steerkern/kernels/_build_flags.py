@@ -13,3 +13,9 @@ def cpu_compile_args():
 def cuda_archs():
     """Ampere (sm_80) and Hopper (sm_90), the GPUs the kernels are tuned for."""
     return ["80", "90"]
+
+
+def cuda_compile_args():
+    """``{"cxx": ..., "nvcc": ...}`` for the CUDA extension, gencode included."""
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs()]
+    return {"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", *gencode]}

@@ -14,33 +14,9 @@ steering" for that row; the Python op layer rejects it before the launch.
 """
 from __future__ import annotations
 
-import os
-import pathlib
-
 from .. import backends
-from ._build_flags import cuda_archs
-
-_CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc" / "cuda"
-
-
-def _jit_build():
-    from torch.utils import cpp_extension
-
-    sources = sorted(str(p) for p in _CSRC.glob("*.cu")) + sorted(str(p) for p in _CSRC.glob("*.cpp"))
-    if not sources:
-        raise RuntimeError(f"no CUDA sources found next to the package (looked in {_CSRC.name}/)")
-    cache = pathlib.Path(os.environ.get("STEERKERN_CACHE", pathlib.Path.home() / ".cache" / "steerkern"))
-    build_dir = cache / "cuda_ext"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs()]
-    return cpp_extension.load(
-        name="steerkern_cuda_jit",
-        sources=sources,
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", *gencode],
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+from ._build_flags import cuda_compile_args
+from ._ext import jit_build, register_ops
 
 
 def _load():
@@ -50,15 +26,9 @@ def _load():
         return _C_cuda
     except ImportError:
         pass
-    return _jit_build()
-
-
-def _register(ext) -> None:
-    backends.register_backend("cuda", lambda device_type: device_type == "cuda")
-    for op in backends.OPS:
-        # an extension without a native in-place op gets the write-back one
-        if hasattr(ext, op):
-            backends.register(op, "cuda", getattr(ext, op))
+    flags = cuda_compile_args()
+    return jit_build("steerkern_cuda_jit", "cuda", ("*.cu", "*.cpp"),
+                     extra_cflags=flags["cxx"], extra_cuda_cflags=flags["nvcc"])
 
 
 def _gpu_visible() -> bool:
@@ -75,19 +45,13 @@ def set_dense_crossover(rows: int) -> None:
     _ext.set_dense_crossover(int(rows))
 
 
-def dense_crossover() -> int:
-    if _ext is None:
-        raise RuntimeError("the cuda backend is not loaded")
-    return _ext.dense_crossover()
-
-
 _ext = None
 if not _gpu_visible():
     backends.mark_unavailable("cuda", "no CUDA device visible")
 else:
     try:
         _ext = _load()
-        _register(_ext)
+        register_ops(_ext, "cuda", "cuda")
     except Exception as err:  # a build or import failure on a GPU machine: say so once
         _ext = None
         backends.mark_unavailable("cuda", f"CUDA extension not available ({type(err).__name__}: {err})")
