@@ -13,7 +13,8 @@ Needs the vLLM venv (tests/vllm/setup_venv.sh).  The model is a Llama-shaped
 random model saved to a temp dir: nothing is downloaded.
 
     python bench/bench_vllm.py                      # small model, CPU
-    python bench/bench_vllm.py --hidden 1024 --layers 16 --dtype bfloat16
+    python bench/bench_vllm.py --hidden 1024 --layers 16 --dtype bfloat16 \
+        --out bench/results/vllm_cpu_h1024_bf16.json
 
 Writes bench/results/vllm_<device>.json.
 """
@@ -54,25 +55,37 @@ def save_vectors(path, n, hidden):
     save_file({f"v{i:02d}": torch.randn(hidden, generator=g) for i in range(n)}, path)
 
 
+def _runner(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+
+PARTS = ("rows", "prepare", "steer_norm", "steer_stream")
+
+
 def _time_steering(llm):
-    """Accumulate the wall time of the steering runtime's work (in-process engine only)."""
-    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    """Accumulate the wall time of the steering runtime's work (in-process
+    engine only): the per-step request rows and tables, and the steered norms
+    and streams."""
     from steerkern.integrations.vllm import plugin
 
-    runtime = plugin._runtime_of(runner)
-    spent = {"s": 0.0, "prepare": 0.0, "steer_norm": 0.0, "steer_stream": 0.0}
-    for name in ("prepare", "steer_norm", "steer_stream"):
-        fn = getattr(runtime, name)
+    runtime = plugin._runtime_of(_runner(llm))
+    spent = {"s": 0.0, **{part: 0.0 for part in PARTS}}
 
-        def timed(*a, _fn=fn, _name=name, **k):
+    def timed(fn, part):
+        def call(*a, **k):
             t0 = time.perf_counter()
             try:
-                return _fn(*a, **k)
+                return fn(*a, **k)
             finally:
                 dt = time.perf_counter() - t0
                 spent["s"] += dt
-                spent[_name] += dt
-        setattr(runtime, name, timed)
+                spent[part] += dt
+        return call
+
+    # the model runner reads plugin._rows_v1 at each step: a module global
+    plugin._rows_v1 = timed(plugin._rows_v1, "rows")
+    for name in PARTS[1:]:
+        setattr(runtime, name, timed(getattr(runtime, name), name))
     return spent
 
 
@@ -153,7 +166,7 @@ def main(argv=None):
     pair = statistics.median(u / s - 1.0 for u, s in zip(times["unsteered"], times["steered"]))
     overhead = best["unsteered"] / best["steered"] - 1.0
 
-    device = "cpu"
+    device = _runner(llm).device.type
     result = {
         "bench": "vllm_per_request_steering",
         "device": device, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -170,13 +183,11 @@ def main(argv=None):
         "goal_overhead": 0.05,
         # CPU time of the (in-process) engine per output token: less sensitive to other load
         "cpu_ms_per_token_median": {k: round(statistics.median(v), 3) for k, v in cpu_s.items()},
-        # wall time spent in steering work (batch tables and indices, steer ops) during the steered
-        # runs, as a share of those runs: an upper bound of the overhead (it does not subtract the
-        # vLLM norms that the fused steer+norm op replaces), and far less noisy than the ratios
+        # wall time spent in steering work (request rows, batch tables and indices, steered norms
+        # and streams) during the steered runs, as a share of those runs: far less noisy than the
+        # ratios (it does not subtract the vLLM norms that the fused steer+norm op replaces)
         "steering_share_of_steered_runs": round(spent["s"] / steered_wall, 5),
-        # split: per-step batch tables and indices (prepare) and the steered norms and streams
-        "steering_share_by_part": {k: round(spent[k] / steered_wall, 5)
-                                   for k in ("prepare", "steer_norm", "steer_stream")},
+        "steering_share_by_part": {k: round(spent[k] / steered_wall, 5) for k in PARTS},
         "overhead_cpu_time": round(statistics.median(cpu_s["steered"]) / statistics.median(cpu_s["unsteered"]) - 1, 4),
     }
     print(f"best of {args.repeats}: unsteered {best['unsteered']:.1f} tok/s, steered {best['steered']:.1f} tok/s, "

@@ -111,7 +111,7 @@ class Intervention:
         if self.site not in SITES:
             raise ValueError(f"site: expected one of {SITES}, got {self.site!r}")
         self.layers = _layer_list(self.layers, "layers")
-        self.positions = _check_positions(self.positions)
+        self.positions = check_positions(self.positions)
         self.coefficients = self._check_coefficients(self.coefficients)
         self.entry = self._normalize_entry(self.entry)
 
@@ -219,7 +219,7 @@ class Intervention:
 
 
 
-def _check_positions(p) -> Positions:
+def check_positions(p) -> Positions:
     if isinstance(p, str):
         if p not in POSITION_MODES:
             raise ValueError(f"positions: expected one of {POSITION_MODES} or an int N >= 0, got {p!r}")

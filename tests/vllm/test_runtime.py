@@ -183,26 +183,6 @@ def test_install_refuses_a_model_it_cannot_steer(setup):
         install(toy, rt)
 
 
-def test_batch_table_is_the_table_of_all_entries():
-    # _concat joins per-request one-entry tables; SteerTable.from_entries is the reference
-    from steerkern import SteerEntry, SteerTable, orthonormalize
-    from steerkern.integrations.vllm.runtime import _concat
-
-    g = torch.Generator().manual_seed(3)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    entries = [SteerEntry(vector=r(D), alpha=2.0),
-               SteerEntry(directions=orthonormalize(r(2, D)), target=[0.5, -1.0], gain=0.7),
-               SteerEntry(scale=r(D), shift=r(D), preserve_norm=True),
-               SteerEntry(directions=orthonormalize(r(D)), condition=r(D), threshold=0.1, vector=r(D))]
-    want = SteerTable.from_entries(entries, D)
-    got = _concat([SteerTable.from_entries([e], D) for e in entries], D)
-    for name in SteerTable.tensor_names():
-        a, b = getattr(got, name), getattr(want, name)
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert torch.equal(a, b), name
-
-
 def test_requests_asking_for_the_same_steering_share_its_compiled_tables(setup):
     _, _, rt = setup
     spec = {"steer_vectors": "u", "steer_coefs": 2.0}

@@ -158,7 +158,7 @@ def _patch_model_runner() -> None:
         finally:
             if runtime is not None:
                 runtime.finish()
-            _ROWS.generated, _ROWS.any_generated = None, True
+            _ROWS.generated = None
 
     _model_forward._steerkern = True
     cls._model_forward = _model_forward
@@ -211,7 +211,9 @@ def _rows_v1(runner):
 
 
 def _generated_rows_v1(runner, num_rows: int) -> None:
-    """Mark the rows that hold generated tokens (position >= prompt length)."""
+    """Mark the rows that hold generated tokens (position >= prompt length);
+    a step of generated tokens only (decode) leaves every row to the sparse
+    kernel, with no dense matmul beside it."""
     import numpy as np
     import torch
 
@@ -224,7 +226,9 @@ def _generated_rows_v1(runner, num_rows: int) -> None:
     req = np.repeat(np.arange(n), counts)
     pos = first[req] + (np.arange(int(qsl[n])) - qsl[req])
     rows = np.nonzero(pos >= prompt[req])[0]
-    _ROWS.any_generated = bool(len(rows))
+    if len(rows) == num_rows:
+        _ROWS.generated = None
+        return
     _ROWS.generated = torch.from_numpy(rows).to(runner.device, non_blocking=True)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ...ops import library
-from ...ops.table import SteerTable
+from ...ops.table import SteerEntry, SteerTable
 from ...plan import Intervention
 from .spec import SteeringLibrary, fingerprint, has_steering
 
@@ -123,16 +123,16 @@ class SteeringRuntime:
         self.hidden_size = hidden_size
         self.device = torch.device(device)
         self.current: Optional[BatchSteering] = None
-        # req_id -> {key: (one-entry table, positions)}, or None for a request without (valid) steering
-        self._requests: Dict[str, Optional[Dict[Key, Tuple[SteerTable, Any]]]] = {}
-        self._specs: Dict[str, Dict[Key, Tuple[SteerTable, Any]]] = {}  # fingerprint -> compiled
+        # req_id -> {key: (entry, positions)}, or None for a request without (valid) steering
+        self._requests: Dict[str, Optional[Dict[Key, Tuple[SteerEntry, Any]]]] = {}
+        self._specs: Dict[str, Dict[Key, Tuple[SteerEntry, Any]]] = {}  # fingerprint -> compiled
         self._spec_of: Dict[str, str] = {}  # req_id -> fingerprint
         self._tables: Dict[tuple, SteerTable] = {}
         self._layout: Optional[_Layout] = None
         self._last = None  # ((ids, index bytes), BatchSteering) of the previous step
 
     # ---- requests ------------------------------------------------------------
-    def compile_request(self, req_id: str, extra_args) -> Optional[Dict[Key, Tuple[SteerTable, Any]]]:
+    def compile_request(self, req_id: str, extra_args) -> Optional[Dict[Key, Tuple[SteerEntry, Any]]]:
         if req_id in self._requests:
             return self._requests[req_id]
         compiled = None
@@ -157,16 +157,16 @@ class SteeringRuntime:
             self._spec_of[req_id] = spec
         return compiled
 
-    def _by_key(self, interventions: Sequence[Intervention]) -> Dict[Key, Tuple[SteerTable, Any]]:
-        # validated once per request; a batch's table is then a concatenation (_concat)
-        out: Dict[Key, Tuple[SteerTable, Any]] = {}
+    def _by_key(self, interventions: Sequence[Intervention]) -> Dict[Key, Tuple[SteerEntry, Any]]:
+        # the interventions were validated when made; a batch's table is then
+        # SteerTable.from_entries of its requests' entries at each key
+        out: Dict[Key, Tuple[SteerEntry, Any]] = {}
         depth: Dict[Tuple[int, str], int] = {}
         for iv in interventions:
             for layer in iv.resolved_layers(self.num_layers):
                 n = depth.get((layer, iv.site), 0)
                 depth[(layer, iv.site)] = n + 1
-                table = SteerTable.from_entries([iv.layer_entry(layer)], self.hidden_size)
-                out[(layer, iv.site, n)] = (table, iv.positions)
+                out[(layer, iv.site, n)] = (iv.layer_entry(layer), iv.positions)
         return out
 
     def forget_unless(self, live_req_ids) -> None:
@@ -219,10 +219,11 @@ class SteeringRuntime:
         for g, (_, keyed) in enumerate(self._layout.groups):
             if tensors[g] is None:
                 continue
+            active, all_rows = arrays[g] > 0, bool(arrays[g].all())  # once per group, not per key
             for key, table in keyed:
                 loc = _location(key[0], key[1], self.num_layers)
-                steps.setdefault(loc, []).append((_order(key), _Step(table, tensors[g], bool(arrays[g].all()))))
-                masks[loc] = (masks[loc] | (arrays[g] > 0)) if loc in masks else (arrays[g] > 0)
+                steps.setdefault(loc, []).append((_order(key), _Step(table, tensors[g], all_rows)))
+                masks[loc] = (masks[loc] | active) if loc in masks else active
         if not steps:
             self.current = None
             return None
@@ -237,19 +238,19 @@ class SteeringRuntime:
         slots follow the requests sorted by their steering, then id, so a
         reordered batch, or a new batch asking for the same steering, keeps its
         tables."""
-        per_key: Dict[Key, List[Tuple[str, SteerTable, Any]]] = {}
+        per_key: Dict[Key, List[Tuple[str, SteerEntry, Any]]] = {}
         for req_id, comp in zip(ids, compiled):
-            for key, (table, positions) in comp.items():
-                per_key.setdefault(key, []).append((req_id, table, positions))
+            for key, (entry, positions) in comp.items():
+                per_key.setdefault(key, []).append((req_id, entry, positions))
         groups: Dict[tuple, List[Tuple[Key, SteerTable]]] = {}
         tables: Dict[tuple, SteerTable] = {}
         for key, members in per_key.items():
-            members.sort(key=lambda m: (self._spec_of.get(m[0], ""), m[0]))
+            members.sort(key=lambda m: (self._spec_of[m[0]], m[0]))
             # by what the members ask for, not who they are
-            tkey = (key, tuple(self._spec_of.get(m[0], m[0]) for m in members))
+            tkey = (key, tuple(self._spec_of[m[0]] for m in members))
             table = self._tables.get(tkey)
             if table is None:
-                table = _concat([t for _, t, _ in members], self.hidden_size).to(self.device)
+                table = SteerTable.from_entries([e for _, e, _ in members], self.hidden_size, device=self.device)
             tables[tkey] = table
             gkey = tuple((req_id, slot, positions) for slot, (req_id, _, positions) in enumerate(members, 1))
             groups.setdefault(gkey, []).append((key, table))
@@ -297,46 +298,6 @@ class SteeringRuntime:
         if not all(s.all_rows for s in steps):
             y = torch.where(self.current.masks[loc][:, None], y, y0)
         return y, r
-
-
-def _identity_rows(name: str, n: int, d: int, k: int) -> Tensor:
-    """Rows of component ``name`` that leave a row unchanged (as SteerTable.from_entries fills them)."""
-    if name == "basis":
-        return torch.zeros(n, k, d)
-    if name == "target":
-        return torch.zeros(n, k)
-    if name == "scale":
-        return torch.ones(n, d)
-    if name == "cond_dir":
-        rows = torch.zeros(n, d)
-        rows[:, 0] = 1.0  # a unit row; threshold -inf lets every row pass
-        return rows
-    if name == "cond_threshold":
-        return torch.full((n,), float("-inf"))
-    if name == "preserve_norm":
-        return torch.zeros(n, dtype=torch.uint8)
-    return torch.zeros(n, d) if name in ("vec", "shift") else torch.zeros(n)  # vec, shift; gain, alpha
-
-
-def _concat(tables: Sequence[SteerTable], d: int) -> SteerTable:
-    """One table whose entry ``j`` is ``tables[j]``'s entry (each has one); a
-    component that some lack gets identity rows for them."""
-    k = max((t.basis.shape[1] for t in tables if t.basis is not None), default=0)
-    parts = {}
-    for name in SteerTable.tensor_names():
-        if all(getattr(t, name) is None for t in tables):
-            continue
-        rows = []
-        for t in tables:
-            x = getattr(t, name)
-            if x is None:
-                x = _identity_rows(name, t.size, d, k)
-            elif name in ("basis", "target") and x.shape[1] < k:
-                pad = _identity_rows(name, x.shape[0], d, k - x.shape[1])
-                x = torch.cat([x, pad], dim=1)
-            rows.append(x)
-        parts[name] = torch.cat(rows).contiguous()
-    return SteerTable(d, **parts)
 
 
 # ---- patching the model ----------------------------------------------------------

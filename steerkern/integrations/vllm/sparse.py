@@ -31,7 +31,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ... import ops
+from ...ops import library
 from ...ops.table import SparseWeight
 from ...plan import SparsityPlan
 
@@ -49,22 +49,18 @@ _PREFIX = re.compile(r"(?:^|\.)layers\.(\d+)\.(" + "|".join(re.escape(k) for k i
 
 @dataclasses.dataclass
 class SparseProjection:
-    """The sparse form of one vLLM linear layer: a part per canonical projection."""
+    """The sparse form of one vLLM linear layer: a part per canonical projection,
+    each with its threshold as a 0-dim fp32 tensor on the weight's device."""
 
-    parts: List[Tuple[SparseWeight, float]]
+    parts: List[Tuple[SparseWeight, Tensor]]
     dense_prefill: bool
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes for w, _ in self.parts)
 
 
 @dataclasses.dataclass
 class BatchRows:
     """Which rows of the running batch are generated tokens (set per forward)."""
 
-    generated: Optional[Tensor] = None   # int64 row indices; None: treat every row as generated
-    any_generated: bool = True
+    generated: Optional[Tensor] = None   # int64 row indices; None: every row is generated
 
 
 def plan_path(additional_config) -> Optional[str]:
@@ -109,7 +105,8 @@ def prepare(layer, plan: SparsityPlan, all_reduce: Optional[Callable[[Tensor], T
         if sw.scale is not None and column_parallel and all_reduce is not None:
             # each rank holds some output rows: the column norm is over all of them
             sw.scale = all_reduce(sw.scale.pow(2)).sqrt().contiguous()
-        parts.append((sw, 0.0 if t is None else float(t)))
+        # made once here, not per call: the kernel reads the threshold as a tensor
+        parts.append((sw, torch.tensor(0.0 if t is None else float(t), dtype=torch.float32, device=w.device)))
         start += size
     return SparseProjection(parts, dense_prefill=plan.prefill == "dense")
 
@@ -124,7 +121,7 @@ def apply(sp: SparseProjection, x: Tensor, bias: Optional[Tensor], dense: Callab
           rows: BatchRows) -> Tensor:
     """The layer's output for ``x`` ``[rows, in]``; ``dense()`` is vLLM's own matmul."""
     if sp.dense_prefill and rows.generated is not None:
-        if not rows.any_generated:
+        if rows.generated.numel() == 0:
             return dense()
         y = dense()
         idx = rows.generated
@@ -134,6 +131,12 @@ def apply(sp: SparseProjection, x: Tensor, bias: Optional[Tensor], dense: Callab
 
 
 def _sparse(sp: SparseProjection, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-    outs = [ops.sparse_linear(x, w, threshold=t) for w, t in sp.parts]
+    # the prepared weights were checked at load time: straight into the kernel,
+    # as the patched transformers projections do (the custom op under compile)
+    if library.is_direct(x):
+        outs = [library.sparse_rows(x, w.weight_t, w.bias, w.scale, t, -1) for w, t in sp.parts]
+    else:
+        op = library.hot("sparse_linear", x)
+        outs = [op(x, w.weight_t, w.bias, w.scale, t, -1) for w, t in sp.parts]
     y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     return y if bias is None else y + bias

@@ -42,13 +42,13 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from ...ops.table import SteerEntry
-from ...plan import POSITION_MODES, SITES, Intervention, SteeringPlan
+from ...ops.table import SteerEntry, float_tensor
+from ...plan import SITES, Intervention, SteeringPlan, check_positions
 
 KEYS = ("steer_vectors", "steer_coefs", "steer_vector", "steer_layers", "steer_site",
         "steer_positions", "steer_plan")
@@ -75,6 +75,14 @@ def fingerprint(extra_args: Mapping[str, Any]) -> str:
     return "steerkern:" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
+def _as_key(key: str, check: Callable, value):
+    """``check(value)``, its ValueError renamed for the request key ``key``."""
+    try:
+        return check(value)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -98,12 +106,10 @@ class SteeringLibrary:
     def __post_init__(self) -> None:
         out = {}
         for name, v in self.vectors.items():
-            t = torch.as_tensor(v).detach().to("cpu", torch.float32).contiguous()
+            t = float_tensor(v, f"vectors[{name!r}]")
             if t.dim() not in (1, 2) or t.shape[-1] == 0:
                 raise ValueError(f"vectors[{name!r}]: expected shape [hidden_size] or "
                                  f"[num_layers, hidden_size], got {list(t.shape)}")
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"vectors[{name!r}]: contains NaN or inf")
             out[str(name)] = t
         self.vectors = dict(sorted(out.items()))
         for name, p in self.plans.items():
@@ -152,21 +158,15 @@ class SteeringLibrary:
                     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
                         raise ValueError(f"steer_layers: expected layer indices in [0, {num_layers}), "
                                          f"got {layer!r}")
-            positions = extra_args.get("steer_positions", "all")
-            if not (positions in POSITION_MODES or (isinstance(positions, int)
-                                                    and not isinstance(positions, bool) and positions >= 0)):
-                raise ValueError(f"steer_positions: expected one of {list(POSITION_MODES)} or an int N >= 0, "
-                                 f"got {positions!r}")
+            positions = _as_key("steer_positions", check_positions, extra_args.get("steer_positions", "all"))
             out.append(Intervention(SteerEntry(vector=vector, alpha=1.0), site=site, layers=layers,
                                     positions=positions))
         elif any(k in extra_args for k in ("steer_layers", "steer_site", "steer_positions", "steer_coefs")):
             raise ValueError("steer_vectors: steer_layers/site/positions/coefs given without "
                              "steer_vectors or steer_vector")
-        plan = SteeringPlan(out, hidden_size=hidden_size) if out else None
-        if plan is not None:
-            if plan.hidden_size != hidden_size:
-                raise ValueError(f"steer_plan: the plan's hidden size is {plan.hidden_size}, "
-                                 f"the model's is {hidden_size}")
+        if out:
+            # a registered plan made for another model fails here
+            plan = _as_key("steer_plan", lambda ivs: SteeringPlan(ivs, hidden_size=hidden_size), out)
             plan.check_layers(num_layers)
         return out
 
