@@ -73,6 +73,8 @@ def test_steer_public_api_one_token(benchmark, dtype):
     """Per-call cost through steerkern.steer (argument checks, dispatcher)."""
     table = _table(D)
     h = torch.randn(1, D).to(dtype)
+    want = R.steer(h, None, *table.tensors(), acc=torch.float64)
+    torch.testing.assert_close(steerkern.steer(h, table).double(), want.double(), rtol=2e-2, atol=2e-2)
     benchmark(steerkern.steer, h, table)
 
 

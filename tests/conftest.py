@@ -28,6 +28,8 @@ import torch
 # the kernels, i.e. before steerkern is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Models load from local folders only: never reach for the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from steerkern import SparseWeight, backends
 from steerkern.ops import reference as R

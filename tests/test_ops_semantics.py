@@ -268,6 +268,9 @@ def test_add_steer_rmsnorm_matches_the_unfused_llama_composition(gen):
     r, y = steerkern.add_steer_rmsnorm(x, res, weight, eps, table=table)
     r_unfused = steerkern.steer(x + res, table)
     close(r, r_unfused)
+    # and against the math itself, not only the op the reference calls
+    s, Q = (x + res).double(), table.basis[0].double()
+    close(r, s - (s @ Q.T) @ Q + 0.5 * table.vec[0].double())
     close(y, LlamaRMSNorm(weight, eps)(r_unfused))
 
 
@@ -298,6 +301,7 @@ def test_add_steer_rmsnorm_without_residual_steers_x(gen):
     weight = torch.rand(d, generator=gen) + 0.5
     r, y = steerkern.add_steer_rmsnorm(x, None, weight, eps, table=table)
     assert torch.equal(r, steerkern.steer(x, table))
+    close(r, x.double() + table.vec[0].double())
     close(y, LlamaRMSNorm(weight, eps)(r))
 
 
@@ -436,7 +440,8 @@ def test_sparse_linear_keeps_leading_dimensions_and_weight_dtype_may_differ(gen)
 
 @pytest.mark.parametrize("sparsity", [{"threshold": 0.4}, {"topk": 5}], ids=["threshold", "topk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_steer_sparse_linear_is_sparse_linear_of_steer(gen, sparsity, dtype):
+def test_steer_sparse_linear_is_sparse_linear_of_steer(gen, impl, sparsity, dtype):
+    # every backend: the reference's fused op is this very composition
     d = 14
     W, b = linear_layer(gen, d, 6)
     sw = SparseWeight.from_linear(W, b, mode="wina")
@@ -444,7 +449,8 @@ def test_steer_sparse_linear_is_sparse_linear_of_steer(gen, sparsity, dtype):
                                      SteerEntry(scale=torch.rand(d) + 0.5)], d)
     h = torch.randn(2, 2, d, generator=gen).to(dtype)
     index = torch.tensor([[1, 0], [2, 1]], dtype=torch.int32)
-    fused = steerkern.steer_sparse_linear(h, table, sw, index, **sparsity)
-    unfused = steerkern.sparse_linear(steerkern.steer(h, table, index), sw, **sparsity)
+    fused = steerkern.steer_sparse_linear(h, table, sw, index, backend=impl, **sparsity)
+    unfused = steerkern.sparse_linear(steerkern.steer(h, table, index, backend=impl), sw, backend=impl,
+                                      **sparsity)
     assert fused.shape == (2, 2, 6)
     assert_bit_exact(fused, unfused, "fused vs unfused")

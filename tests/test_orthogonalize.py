@@ -12,16 +12,11 @@ import pytest
 import torch
 
 import models as M
+from models import no_grad  # noqa: F401  (autouse fixture)
 import steerkern
 from steerkern import SteeringPlan
 from steerkern.vectors.orthogonalize import orthogonalize
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 BAKEABLE = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt2", "gpt_neox", "gpt_neox_seq"]
 ATOL = 1e-4
@@ -114,8 +109,11 @@ def test_baked_model_exports_with_save_pretrained(tmp_path):
 def test_originals_kept_where_asked():
     model = M.build("llama")
     h = orthogonalize(model, directions(), keep_on=None)
-    assert all(saved.device == p.device for p, saved in h._saved)
+    assert h._saved and all(saved.device == p.device for p, saved in h._saved)
     h.restore()
+    # a device other than the weights' (meta: no data, so not restored)
+    h = orthogonalize(M.build("llama"), directions(), keep_on="meta")
+    assert h._saved and all(saved.device.type == "meta" for _, saved in h._saved)
 
 
 @pytest.mark.parametrize("family, match", [("gemma2", "norm before the residual"), ("bert", "follow")])

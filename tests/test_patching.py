@@ -236,31 +236,6 @@ def median_thresholds(model, family, ids, mode="wina", jitter=False):
     return thresholds
 
 
-def splits_for(model, family, plan: SparsityPlan):
-    """The reference's view of the plan: per module, its output blocks."""
-    fam = registry.family_for(model)
-    out = {}
-    for i in range(len(M._layers(model))):
-        for path, names in fam.projections:
-            mod = M._layers(model)[i]
-            for p in path.split("."):
-                mod = getattr(mod, p)
-            width = mod.weight.shape[1] if type(mod).__name__ == "Conv1D" else mod.weight.shape[0]
-            ts = [plan.threshold(i, n) for n in names]
-            cfg = model.config
-            if family == "phi3" and len(names) == 3:
-                hd = cfg.hidden_size // cfg.num_attention_heads
-                widths = [cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.num_key_value_heads * hd]
-            elif family == "phi3":
-                widths = [cfg.intermediate_size] * 2
-            elif family == "gpt2" and len(names) == 3:
-                widths = [cfg.n_embd] * 3
-            else:
-                widths, ts = [width], ts[:1]
-            out[(i, path)] = [(w, t, plan.mode) for w, t in zip(widths, ts)]
-    return out
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt2", "gpt_neox", "bert"])
 def test_sparse_prefill_and_decode_match_masked_dense_reference(family):
     model = M.build(family)
@@ -268,7 +243,7 @@ def test_sparse_prefill_and_decode_match_masked_dense_reference(family):
     jitter = family in ("phi3", "gpt2")
     plan = SparsityPlan(median_thresholds(model, family, ids, jitter=jitter), mode="wina")
     dense = out_of(model, family, ids)
-    hs = M.sparse_reference(model, family, splits_for(model, family, plan))
+    hs = M.sparse_reference(model, family, M.splits_for(model, family, plan))
     want = out_of(model, family, ids)
     # decode path: one token at a time, through the KV cache where the model has one
     want_last = want[:, -1]
@@ -356,9 +331,25 @@ def test_sparse_teal_mode_and_dense_prefill():
     ids = M.input_ids(1, 5)
     plan = SparsityPlan(median_thresholds(model, "qwen3", ids, mode="teal"), mode="teal", prefill="dense")
     dense = out_of(model, "qwen3", ids)
+
+    def decode_step():
+        first = model(ids[:, :-1], use_cache=True)
+        return model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True)
+
     with steerkern.patch(model, sparsity=plan):
         got = out_of(model, "qwen3", ids)  # prefill: no mask
+        step = decode_step().logits[:, -1]  # decode: the TEAL kernel
     assert torch.equal(got, dense)
+    # the reference: an unmasked prefill, then one masked (|x| > t) decode step
+    first = model(ids[:, :-1], use_cache=True)
+    hooks = M.sparse_reference(model, "qwen3", M.splits_for(model, "qwen3", plan))
+    try:
+        want = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (want - dense[:, -1]).abs().max() > 1e-3, "the thresholds must drop inputs"
+    torch.testing.assert_close(step, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
@@ -380,7 +371,7 @@ def test_minilm_real_weights_sparse_matches_masked_reference():
     model, tok = M.load_minilm()
     batch = tok(["sparse activations on real weights"], return_tensors="pt")
     plan = SparsityPlan(median_thresholds(model, "bert", batch["input_ids"]), mode="wina")
-    hs = M.sparse_reference(model, "bert", splits_for(model, "bert", plan))
+    hs = M.sparse_reference(model, "bert", M.splits_for(model, "bert", plan))
     want = model(**batch).last_hidden_state
     for h in hs:
         h.remove()

@@ -27,7 +27,6 @@ pytest.importorskip("triton")
 import steerkern  # noqa: E402
 from steerkern import SparseWeight, backends  # noqa: E402
 from steerkern.kernels.triton import sparse_gemv, steer as steer_kernels  # noqa: E402
-from steerkern.ops import reference as R  # noqa: E402
 
 import conftest as oracle  # noqa: E402
 from conftest import (  # noqa: E402

@@ -13,16 +13,11 @@ import pytest
 import torch
 
 import models as M
+from models import no_grad  # noqa: F401  (autouse fixture)
 from steerkern.vectors.probe import group_folds
 from steerkern.vectors import (METHODS, VectorSet, collect_activations, compute_direction, cross_val_accuracy,
                                extract, fit_logistic, read_prompts)
 
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 WORDS = ("i like love hate the cat dog sun rain happy sad day night good bad you we they are is very not so a "
          "it tell me about story help kill steal give").split()
@@ -284,7 +279,12 @@ def test_cross_validation_accuracy_is_the_mean_over_folds():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(24, 3, generator=g, dtype=torch.float64)
     y = (x[:, 0] + 0.7 * torch.randn(24, generator=g, dtype=torch.float64) > 0).double()
-    want = [fit_logistic(x[~m], y[~m]).accuracy(x[m], y[m]) for m in group_folds(torch.arange(24), 3, seed=5)]
+    want = []
+    for m in group_folds(torch.arange(24), 3, seed=5):
+        # each fold scored with the Newton reference probe, not with fit_logistic itself
+        w, b = _newton_logistic(x[~m], y[~m], 1e-2)
+        pred = (x[m] - x[~m].mean(0)) @ w + b > 0
+        want.append(float((pred == (y[m] > 0.5)).double().mean()))
     assert cross_val_accuracy(x, y, folds=3, seed=5) == pytest.approx(sum(want) / 3)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import models as M
+from models import no_grad  # noqa: F401  (autouse fixture)
 import steerkern
 from steerkern.patching import handle_of
 from steerkern.vectors import VectorSet
@@ -13,13 +14,6 @@ from steerkern.vectors.conditional import Condition, conditional_plan, fit_condi
 from steerkern.vectors.extract import collect_activations
 from steerkern.vectors.select import next_token_score, select_direction
 from test_vectors_extract import NEGATIVE, POSITIVE, word_tokenizer
-
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def rand_set(layers, seed=0, scale=1.0):

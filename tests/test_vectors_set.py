@@ -6,15 +6,9 @@ import pytest
 import torch
 
 import models as M
+from models import no_grad  # noqa: F401  (autouse fixture)
 import steerkern
 from steerkern.vectors import VectorSet, compose
-
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
 
 
 def rand_set(layers, d=6, seed=0, **kw):

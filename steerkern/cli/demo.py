@@ -86,7 +86,7 @@ def steering_on_real_weights(report):
     before = similarities()
     with patch(model, plan):
         after = similarities()
-    report(f"(1) Steering on REAL weights: all-MiniLM-L6-v2 (local package, no download)")
+    report("(1) Steering on REAL weights: all-MiniLM-L6-v2 (local package, no download)")
     report(f"    concept direction '{CONCEPT}' per layer from {len(POSITIVE)}+{len(NEGATIVE)} contrasting "
            f"phrases; ablated (h - q q^T h) at the input and output of all {L} layers")
     report(f"    cosine similarity to the probe {PROBE!r}:        before  after")
@@ -148,7 +148,7 @@ def decode_speed(report, tokens: int):
         if handle is not None:
             handle.remove()
     base = rows["plain transformers"]
-    report(f"(2) Decode speed on a Llama-shaped model with RANDOM weights (speed only; text is meaningless)")
+    report("(2) Decode speed on a Llama-shaped model with RANDOM weights (speed only; text is meaningless)")
     report(f"    shape: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, fp32, batch 1, greedy, "
            f"{tokens} new tokens; kernels: sparse_linear on '{choose('sparse_linear', 'cpu')}' backend")
     for name, r in rows.items():

@@ -68,8 +68,6 @@ def _positions(value: str):
 
 def load_vectors(path: str):
     """``{layer or None: vector}`` from a vector file; None means every layer."""
-    import torch
-
     from ..vectors import io as vio
 
     try:

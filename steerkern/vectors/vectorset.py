@@ -15,7 +15,6 @@ counts as zero): ``a + b``, ``a - b``, ``2.0 * a``, ``-a``, ``a / 4``;
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
