@@ -213,7 +213,9 @@ def main(argv=None):
     p.add_argument("--speed-pairs", type=int, default=3,
                    help="alternating (unpatched, steered+sparse) measurements")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/decode_<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default bench/results/decode_<device>.json, decode_<device>_quick.json "
+                        "with --quick)")
     args = p.parse_args(argv)
 
     import steerkern
@@ -252,7 +254,9 @@ def main(argv=None):
     for s, dt in jobs:
         results["runs"].setdefault(s, {})[dt] = bench_one(s, dt, device, tokens, args.repeats, args.pairs, args.speed_pairs, progress)
     bar.close()
-    out = Path(args.out or Path(__file__).parent / "results" / f"decode_{device}.json")
+    # a quick run never overwrites the full run's results that README quotes
+    name = f"decode_{device}_quick.json" if args.quick else f"decode_{device}.json"
+    out = Path(args.out or Path(__file__).parent / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))

@@ -17,8 +17,8 @@ Everything is measured in the same run, on the same GPU:
 
 Weights (<= 112 MiB each) would sit partly in L2 on repeated calls, so every
 timing flushes L2 first (triton.testing.do_bench).  Results are written as
-JSON to bench/results/ (read by the plot scripts) and printed as a table.
-Runs in about 3 minutes on an H100.
+JSON to bench/results/ and printed as a table.  (Not yet run on a GPU: no
+device has been available to this project.)
 
     python bench/bench_ops_gpu.py                 # everything
     python bench/bench_ops_gpu.py --quick         # one layer shape, fewer points

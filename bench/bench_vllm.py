@@ -6,8 +6,8 @@ requests unsteered, on one engine.  Runs alternate between the two; the
 overhead is that of the best run of each (the least disturbed by other load),
 with the median of the pairwise ratios beside it.  Goal: at most 5%.  On a
 busy machine those ratios are noisy, so the wall time spent inside the
-steering runtime during the steered runs is measured too: an upper bound of
-the overhead that other load barely moves.
+steering runtime during the steered runs is measured too (request rows, batch
+tables, steered norms and streams), which other load barely moves.
 
 Needs the vLLM venv (tests/vllm/setup_venv.sh).  The model is a Llama-shaped
 random model saved to a temp dir: nothing is downloaded.

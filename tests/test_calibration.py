@@ -114,6 +114,7 @@ def test_realized_sparsity_on_held_out_text(llama, llama_calibrator, windows, mo
     plan = llama_calibrator.plan(target, mode=mode, allocation=allocation, step=0.1)
     levels = llama_calibrator.levels(target, mode=mode, allocation=allocation, step=0.1)
     per, avg = held_out_sparsity(llama, llama.model.layers, LLAMA_PATHS, plan, windows[1])
+    print(f"realized held-out sparsity at target {target} ({mode}, {allocation}): {avg:.3f}")
     assert abs(avg - target) <= 0.02, (mode, allocation, avg)
     # each projection lands near the level it was given
     worst = max(abs(per[s] - levels[s]) for s in per)
