@@ -76,7 +76,7 @@ def steer(
     acc: torch.dtype = torch.float32,
 ) -> Tensor:
     """Steer the rows of ``h`` ``[rows, d]`` by the table (see module doc)."""
-    K = _table_size(basis, vec, scale, shift, cond_dir, preserve_norm)
+    K = table_size(basis, vec, scale, shift, cond_dir, preserve_norm)
     out = h.clone()
     if K == 0 or h.shape[0] == 0:
         return out
@@ -114,7 +114,8 @@ def steer(
     return out
 
 
-def _table_size(*parts: Optional[Tensor]) -> int:
+def table_size(*parts: Optional[Tensor]) -> int:
+    """K, the number of entries: the leading size of the first table part given (0: none)."""
     for p in parts:
         if p is not None:
             return p.shape[0]

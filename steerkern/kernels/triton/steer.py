@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...ops import reference
+
 # Rows up to this length are processed in registers in one block.
 MAX_ONE_BLOCK = 8192
 # Block length when a row is longer than MAX_ONE_BLOCK.
@@ -174,10 +176,11 @@ def _steer_rows_kernel(
 
     # 3. write the steered row (unsteered rows: the loaded bits), 4. RMSNorm
     if ONE_BLOCK:
-        y = _steered(h, offs, m, ent, d, k, kk, delta, BASIS, GAIN, VEC, ALPHA, SCALE, SHIFT,
-                     HAS_BASIS, HAS_VEC, HAS_SCALE, HAS_SHIFT)
         if HAS_PRESERVE:
-            y = y * factor
+            y = y * factor  # the y of step 2: not computed twice
+        else:
+            y = _steered(h, offs, m, ent, d, k, kk, delta, BASIS, GAIN, VEC, ALPHA, SCALE, SHIFT,
+                         HAS_BASIS, HAS_VEC, HAS_SCALE, HAS_SHIFT)
         r = tl.where(use, _round_to(y, R_OUT.dtype.element_ty), x)
         tl.store(R_OUT + offs, r, mask=m)
         if WRITE_NORM:
@@ -209,19 +212,12 @@ def _steer_rows_kernel(
                 tl.store(Y_OUT + start + offs, _round_to(rf * rstd * (w + w_offset), R_OUT.dtype.element_ty), mask=mb)
 
 
-def _table_size(parts) -> int:
-    for p in parts:
-        if p is not None:
-            return p.shape[0]
-    return 0
-
-
 def _launch(x, residual, r_out, y_out, norm_w, eps, weight_offset, index, table):
     rows, d = x.shape
     if rows == 0:
         return
     basis, target, gain, vec, alpha, scale, shift, cond_dir, cond_threshold, preserve_norm = table
-    K = _table_size(table)
+    K = reference.table_size(*table)
     k = basis.shape[1] if basis is not None else 0
     one_block = triton.next_power_of_2(d) <= MAX_ONE_BLOCK
     block_d = triton.next_power_of_2(d) if one_block else LOOP_BLOCK
@@ -244,7 +240,7 @@ def _launch(x, residual, r_out, y_out, norm_w, eps, weight_offset, index, table)
 
 def steer(h, index, *table):
     """Kernel-level ``steer``: ``h`` ``[rows, d]`` contiguous, ``index`` int32 ``[rows]`` or None."""
-    if _table_size(table) == 0:
+    if reference.table_size(*table) == 0:
         return h.clone()
     out = torch.empty_like(h)
     _launch(h, None, out, None, None, 0.0, 0.0, index, table)
