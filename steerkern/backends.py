@@ -30,8 +30,10 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 OPS = ("steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear", "steer_", "add_steer_rmsnorm_")
-# in-place op -> the op whose result it writes back into its inputs
-IN_PLACE = {"steer_": "steer", "add_steer_rmsnorm_": "add_steer_rmsnorm"}
+# op -> the ops that build it for a backend without its own: the in-place
+# ops write the out-of-place result back, the fused chain is the composition
+DERIVED_FROM = {"steer_": ("steer",), "add_steer_rmsnorm_": ("add_steer_rmsnorm",),
+                "steer_sparse_linear": ("steer", "sparse_linear")}
 ENV_VAR = "STEERKERN_BACKEND"
 
 # device type -> default order of preference
@@ -50,31 +52,43 @@ _UNAVAILABLE: Dict[str, str] = {}
 _local = threading.local()
 
 
-# (in-place op, backend) pairs served by writing back the out-of-place result
-_WRITE_BACK = set()
+# (op, backend) pairs served by a derived implementation (see DERIVED_FROM)
+_DERIVED = set()
 
 
-def _write_back(op: str, fn: Callable) -> Callable:
-    """An in-place op from its out-of-place implementation: correct everywhere,
-    but it allocates and copies, so a backend that can do better registers its own."""
+def _derive(op: str, fns: List[Callable]) -> Callable:
+    """``op`` from the implementations of ``DERIVED_FROM[op]``: correct
+    everywhere; a backend that can do better registers its own."""
     if op == "steer_":
-        def steer_(h, *args):
-            h.copy_(fn(h, *args))
-        return steer_
+        (steer,) = fns
 
-    def add_steer_rmsnorm_(x, residual, *args):
-        r, y = fn(x, residual, *args)
-        residual.copy_(r)
-        x.copy_(y)
-    return add_steer_rmsnorm_
+        def steer_(h, *args):
+            h.copy_(steer(h, *args))
+        return steer_
+    if op == "add_steer_rmsnorm_":
+        (fused,) = fns
+
+        def add_steer_rmsnorm_(x, residual, *args):
+            r, y = fused(x, residual, *args)
+            residual.copy_(r)
+            x.copy_(y)
+        return add_steer_rmsnorm_
+    steer, sparse_linear = fns
+
+    def steer_sparse_linear(h, index, *rest):
+        # the steered rows in h's dtype, then the sparse GEMV: the spec's rounding
+        *table, weight_t, bias, col_scale, threshold, topk = rest
+        return sparse_linear(steer(h, index, *table), weight_t, bias, col_scale, threshold, topk)
+    return steer_sparse_linear
 
 
 def register(op: str, backend: str, fn: Callable) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``.
 
-    Registering ``steer`` or ``add_steer_rmsnorm`` also provides the in-place
-    twin (``steer_``, ``add_steer_rmsnorm_``) by writing the result back,
-    unless the backend registers a native one (before or after).
+    Once a backend has the ops in :data:`DERIVED_FROM`, the ops built from
+    them (the in-place ``steer_`` and ``add_steer_rmsnorm_``, the fused
+    ``steer_sparse_linear``) are derived for it, unless it registers its own
+    (before or after).
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops are {OPS}")
@@ -82,16 +96,17 @@ def register(op: str, backend: str, fn: Callable) -> None:
         raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
     _IMPLS[(op, backend)] = fn
     _SELECTED.clear()
-    _WRITE_BACK.discard((op, backend))
-    for twin, base in IN_PLACE.items():
-        if base == op and ((twin, backend) not in _IMPLS or (twin, backend) in _WRITE_BACK):
-            _IMPLS[(twin, backend)] = _write_back(twin, fn)
-            _WRITE_BACK.add((twin, backend))
+    _DERIVED.discard((op, backend))
+    for derived, bases in DERIVED_FROM.items():
+        own = (derived, backend) in _IMPLS and (derived, backend) not in _DERIVED
+        if op in bases and not own and all((b, backend) in _IMPLS for b in bases):
+            _IMPLS[(derived, backend)] = _derive(derived, [_IMPLS[(b, backend)] for b in bases])
+            _DERIVED.add((derived, backend))
 
 
-def writes_back(op: str, backend: str) -> bool:
-    """Whether ``backend`` serves the in-place ``op`` by copying an out-of-place result."""
-    return (op, backend) in _WRITE_BACK
+def is_derived(op: str, backend: str) -> bool:
+    """Whether ``backend`` serves ``op`` by a derived implementation, not its own kernel."""
+    return (op, backend) in _DERIVED
 
 
 def register_backend(backend: str, serves: Callable[[str], bool]) -> None:

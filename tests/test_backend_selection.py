@@ -248,17 +248,21 @@ def test_a_backend_marked_unavailable_says_why(monkeypatch):
     assert "triton backend unavailable: no triton here (test)" in backends.report()
 
 
-def test_in_place_ops_come_with_every_out_of_place_backend():
+def test_derived_ops_come_with_every_backend_that_has_their_parts():
     for backend in backends.BACKENDS:
-        for twin, base in backends.IN_PLACE.items():
-            assert ((base, backend) in backends._IMPLS) == ((twin, backend) in backends._IMPLS), (twin, backend)
+        for derived, bases in backends.DERIVED_FROM.items():
+            if all((b, backend) in backends._IMPLS for b in bases):
+                assert (derived, backend) in backends._IMPLS, (derived, backend)
 
 
-def test_the_cpu_kernels_do_the_in_place_ops_natively():
+def test_the_cpu_kernels_have_their_own_in_place_and_fused_ops():
     if not backends.available("cpu", "cpu"):
         pytest.skip("C++ CPU backend not built")
-    assert not backends.writes_back("steer_", "cpu")
-    assert not backends.writes_back("add_steer_rmsnorm_", "cpu")
+    assert not backends.is_derived("steer_", "cpu")
+    assert not backends.is_derived("add_steer_rmsnorm_", "cpu")
+    assert not backends.is_derived("steer_sparse_linear", "cpu")
+    if backends.available("triton", "cpu"):
+        assert backends.is_derived("steer_sparse_linear", "triton")
 
 
 def test_the_memoized_choice_follows_the_env_var_and_use_backend(monkeypatch):

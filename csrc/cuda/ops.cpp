@@ -197,18 +197,6 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const 
   return ws.to(x.scalar_type());
 }
 
-at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, const OptTensor& basis,
-                               const OptTensor& target, const OptTensor& gain, const OptTensor& vec,
-                               const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
-                               const OptTensor& cond_dir, const OptTensor& cond_threshold,
-                               const OptTensor& preserve_norm, const at::Tensor& weight_t, const OptTensor& bias,
-                               const OptTensor& col_scale, const at::Tensor& threshold, int64_t topk) {
-  // the steered rows are rounded to h's dtype, as the spec asks, then sparsified
-  const at::Tensor s =
-      steer(h, index, basis, target, gain, vec, alpha, scale, shift, cond_dir, cond_threshold, preserve_norm);
-  return sparse_linear(s, weight_t, bias, col_scale, threshold, topk);
-}
-
 }  // namespace steerkern_cuda
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -218,5 +206,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("steer", &steerkern_cuda::steer);
   m.def("add_steer_rmsnorm", &steerkern_cuda::add_steer_rmsnorm);
   m.def("sparse_linear", &steerkern_cuda::sparse_linear);
-  m.def("steer_sparse_linear", &steerkern_cuda::steer_sparse_linear);
 }

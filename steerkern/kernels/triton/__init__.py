@@ -35,6 +35,5 @@ else:
         ("steer", steer.steer),
         ("add_steer_rmsnorm", steer.add_steer_rmsnorm),
         ("sparse_linear", sparse_gemv.sparse_linear),
-        ("steer_sparse_linear", sparse_gemv.steer_sparse_linear),
     ):
         backends.register(_op, "triton", _fn)

@@ -1,4 +1,5 @@
-"""Triton split-K sparse GEMV for ``sparse_linear`` and ``steer_sparse_linear``.
+"""Triton split-K sparse GEMV for ``sparse_linear`` (``steer_sparse_linear`` is
+derived from it and ``steer`` in :mod:`steerkern.backends`).
 
 Math (see :mod:`steerkern.ops.reference`): ``y[b] = sum_i m[b, i] x[b, i] W^T[i, :] + bias``
 with the per-row mask ``m[b, i] = not (|x[b, i]| * s_i <= t)`` (threshold
@@ -27,7 +28,6 @@ import triton
 import triton.language as tl
 
 from ...ops import reference
-from .steer import steer
 
 # Above this many rows the masked dense matmul (torch) takes over: the union
 # of the rows' active inputs approaches the full weight, and cuBLAS reads it
@@ -147,13 +147,3 @@ def sparse_linear(x, weight_t, bias, scale, threshold, topk):
     if topk >= 0:
         mask = reference.sparse_mask(x, scale, threshold, topk)
     return _sparse_gemv(x, weight_t, bias, scale, threshold, mask)
-
-
-def steer_sparse_linear(h, index, basis, target, gain, vec, alpha, scale, shift, cond_dir,
-                        cond_threshold, preserve_norm, weight_t, bias, col_scale, threshold, topk):
-    """Kernel-level ``steer_sparse_linear``: the steered rows are written in
-    h's dtype (``rows * d`` elements, small next to the weight) and then fed
-    to the sparse GEMV, exactly the rounding the spec asks for."""
-    s = steer(h, index, basis, target, gain, vec, alpha, scale, shift, cond_dir,
-              cond_threshold, preserve_norm)
-    return sparse_linear(s, weight_t, bias, col_scale, threshold, topk)
