@@ -39,6 +39,14 @@ def float_tensor(value, name: str) -> Tensor:
     return t
 
 
+def orthonormality_error(q: Tensor) -> float:
+    """max |Q Q^T - I| over the rows of ``q`` ``[k, d]``, in fp64 (0 for no rows)."""
+    if q.shape[0] == 0:
+        return 0.0
+    q = q.double()
+    return float((q @ q.T - torch.eye(q.shape[0], dtype=torch.float64, device=q.device)).abs().max())
+
+
 def _check_finite(t: Tensor, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: contains NaN or inf")
@@ -196,14 +204,11 @@ class SteerTable:
 
     def _check_orthonormal(self) -> None:
         for e in range(self.basis.shape[0]):
-            Q = self.basis[e].double()
-            nonzero = Q.norm(dim=1) > 0
-            Qn = Q[nonzero]
-            gram = Qn @ Qn.T
-            err = (gram - torch.eye(Qn.shape[0], dtype=torch.float64, device=Q.device)).abs().max() if len(Qn) else 0.0
-            if float(err) > ORTHONORMAL_TOL:
+            Q = self.basis[e]
+            err = orthonormality_error(Q[Q.norm(dim=1) > 0])  # all-zero rows pad unused slots
+            if err > ORTHONORMAL_TOL:
                 raise ValueError(
-                    f"basis: entry {e} is not orthonormal (max |Q^T Q - I| = {float(err):.2e}); "
+                    f"basis: entry {e} is not orthonormal (max |Q^T Q - I| = {err:.2e}); "
                     "steerkern rejects it rather than guess; use steerkern.orthonormalize(directions)"
                 )
 

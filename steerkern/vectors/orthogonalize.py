@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..ops.table import ORTHONORMAL_TOL
+from ..ops.table import ORTHONORMAL_TOL, orthonormality_error
 
 _BAKEABLE_KINDS = ("prenorm", "gpt2", "neox")
 # learned position embeddings, which the stream also sums (per family name)
@@ -48,7 +48,7 @@ def _orthonormal(directions, d: Optional[int]) -> Tensor:
         raise ValueError(f"directions: expected shape [{d or 'd'}] or [k, {d or 'd'}], got {list(q.shape)}")
     if not bool(torch.isfinite(q).all()):
         raise ValueError("directions: contains NaN or inf")
-    err = float((q @ q.T - torch.eye(q.shape[0], dtype=torch.float64)).abs().max())
+    err = orthonormality_error(q)
     if err > ORTHONORMAL_TOL:
         raise ValueError(f"directions: rows are not orthonormal (max |Q Q^T - I| = {err:.2e}); "
                          "use steerkern.orthonormalize(directions)")
