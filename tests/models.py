@@ -7,6 +7,7 @@ are not powers of two (an odd shape catches layout bugs).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 
@@ -225,6 +226,17 @@ def sparse_reference(model, family: str, splits):
 
         handles.append(mod.register_forward_hook(hook))
     return handles
+
+
+@contextlib.contextmanager
+def hooked(handles):
+    """The block runs with the reference's hooks ``handles`` (from
+    :func:`hook_reference` or :func:`sparse_reference`); they are removed after."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def splits_for(model, family: str, plan):

@@ -295,12 +295,8 @@ def test_fused_projection_families_reach_target_and_match_the_patched_model(fami
         dense = model(input_ids=ids).logits
         with apply_plan(model, plan):
             ref = model(input_ids=ids).logits
-        hooks = M.sparse_reference(model, family, M.splits_for(model, family, plan))
-        try:
+        with M.hooked(M.sparse_reference(model, family, M.splits_for(model, family, plan))):
             masked = model(input_ids=ids).logits  # the tests' own masked-dense reference
-        finally:
-            for h in hooks:
-                h.remove()
         with patch(model, sparsity=plan):
             patched = model(input_ids=ids).logits
     assert (ref - dense).abs().max() > 1e-3

@@ -56,14 +56,10 @@ def test_position_modes_under_kv_cache(family, positions):
     plan = plan_at(positions)
     with steerkern.patch(model, plan):
         seqs, logits = gen(model, ids)
-    hs = M.hook_reference(model, family, plan, keep=keep_for(positions, ids.shape[1]))
-    try:
+    with M.hooked(M.hook_reference(model, family, plan, keep=keep_for(positions, ids.shape[1]))):
         for t in range(NEW):
             want = model(seqs[:, : ids.shape[1] + t], use_cache=False).logits[:, -1]
             torch.testing.assert_close(logits[:, t], want, atol=1e-4, rtol=1e-4)
-    finally:
-        for h in hs:
-            h.remove()
     plain_seqs, plain_logits = gen(model, ids)
     assert not torch.allclose(logits, plain_logits, atol=1e-3), "the plan must change decoding"
 

@@ -28,12 +28,8 @@ def directions(k=1, seed=0):
 
 
 def hooked_logits(model, family, plan, ids):
-    handles = M.hook_reference(model, family, plan)
-    try:
+    with M.hooked(M.hook_reference(model, family, plan)):
         return model(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def snapshot(model):

@@ -54,12 +54,8 @@ def mixed_plan(family: str, seed: int = 0) -> SteeringPlan:
 
 
 def reference(model, family, plan, ids, **kw):
-    hs = M.hook_reference(model, family, plan)
-    try:
+    with M.hooked(M.hook_reference(model, family, plan)):
         return out_of(model, family, ids, **kw)
-    finally:
-        for h in hs:
-            h.remove()
 
 
 # ---- empty plan ------------------------------------------------------------
@@ -98,12 +94,8 @@ def test_hidden_states_the_caller_holds_are_never_overwritten(family):
     model = M.build(family)
     plan = SteeringPlan([iv for iv in mixed_plan(family).interventions if iv.site != "pre"])
     ids = M.input_ids()
-    hooks = M.hook_reference(model, family, plan)
-    try:
+    with M.hooked(M.hook_reference(model, family, plan)):
         want = model(ids, output_hidden_states=True).hidden_states
-    finally:
-        for h in hooks:
-            h.remove()
     with steerkern.patch(model, plan):
         got = model(ids, output_hidden_states=True).hidden_states
     assert len(got) == len(want) == M.config(family).num_hidden_layers + 1
@@ -243,12 +235,10 @@ def test_sparse_prefill_and_decode_match_masked_dense_reference(family):
     jitter = family in ("phi3", "gpt2")
     plan = SparsityPlan(median_thresholds(model, family, ids, jitter=jitter), mode="wina")
     dense = out_of(model, family, ids)
-    hs = M.sparse_reference(model, family, M.splits_for(model, family, plan))
-    want = out_of(model, family, ids)
+    with M.hooked(M.sparse_reference(model, family, M.splits_for(model, family, plan))):
+        want = out_of(model, family, ids)
     # decode path: one token at a time, through the KV cache where the model has one
     want_last = want[:, -1]
-    for h in hs:
-        h.remove()
     with steerkern.patch(model, sparsity=plan) as handle:
         assert handle.memory["prepared_bytes"] > 0
         got = out_of(model, family, ids)
@@ -342,12 +332,8 @@ def test_sparse_teal_mode_and_dense_prefill():
     assert torch.equal(got, dense)
     # the reference: an unmasked prefill, then one masked (|x| > t) decode step
     first = model(ids[:, :-1], use_cache=True)
-    hooks = M.sparse_reference(model, "qwen3", M.splits_for(model, "qwen3", plan))
-    try:
+    with M.hooked(M.sparse_reference(model, "qwen3", M.splits_for(model, "qwen3", plan))):
         want = model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
-    finally:
-        for h in hooks:
-            h.remove()
     assert (want - dense[:, -1]).abs().max() > 1e-3, "the thresholds must drop inputs"
     torch.testing.assert_close(step, want, atol=1e-4, rtol=1e-4)
 
@@ -371,10 +357,8 @@ def test_minilm_real_weights_sparse_matches_masked_reference():
     model, tok = M.load_minilm()
     batch = tok(["sparse activations on real weights"], return_tensors="pt")
     plan = SparsityPlan(median_thresholds(model, "bert", batch["input_ids"]), mode="wina")
-    hs = M.sparse_reference(model, "bert", M.splits_for(model, "bert", plan))
-    want = model(**batch).last_hidden_state
-    for h in hs:
-        h.remove()
+    with M.hooked(M.sparse_reference(model, "bert", M.splits_for(model, "bert", plan))):
+        want = model(**batch).last_hidden_state
     with steerkern.patch(model, sparsity=plan):
         got = model(**batch).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

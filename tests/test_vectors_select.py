@@ -23,12 +23,8 @@ def rand_set(layers, seed=0, scale=1.0):
 
 
 def with_hooks(model, family, plan, fn, **kw):
-    handles = M.hook_reference(model, family, plan, **kw)
-    try:
+    with M.hooked(M.hook_reference(model, family, plan, **kw)):
         return fn(model)
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ---- selection ------------------------------------------------------------------
