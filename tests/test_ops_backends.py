@@ -301,6 +301,62 @@ def test_cpu_sparse_linear_narrow_layers_split_over_inputs_match_reference(gen, 
                       f"sparse_linear split-K {dtype} {rows} rows")
 
 
+@pytest.fixture(params=["avx512bf16", "avx512", "avx2+fma", "portable"])
+def instruction_set(request):
+    """Each instruction set of the C++ kernels this machine can run, in turn."""
+    if "cpu" not in KERNEL_BACKENDS:
+        pytest.skip("C++ CPU backend not built")
+    from steerkern.kernels import cpu as cpu_kernels
+    ext = cpu_kernels._ext
+    before = ext.cpu_capability()
+    got = ext.set_capability(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU has no {request.param} (the kernels would use {got})")
+        yield got
+    finally:
+        ext.set_capability(before)
+
+
+@pytest.mark.parametrize("xdtype, wdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                            (torch.float32, torch.float32)], ids=["x_bf16_w_bf16", "x_fp32_w_bf16", "fp32"])
+@pytest.mark.parametrize("rows, n_in, n_out", [(1, 45, 100), (3, 45, 100), (9, 45, 100), (2, 2048, 256)],
+                         ids=["1row", "3rows", "9rows", "split_inputs"])
+def test_cpu_sparse_linear_each_instruction_set_matches_reference(gen, two_threads, instruction_set, xdtype,
+                                                                  wdtype, rows, n_in, n_out):
+    # n_in odd: an odd count of active rows (a last row without a partner in
+    # the bf16 pair pass); n_out = 3 blocks of 32 columns and a tail of 4
+    sw = make_weight(gen, n_in, n_out, wdtype, "wina")
+    x = torch.randn(rows, n_in, generator=gen).to(xdtype)
+    for threshold in (0.0, robust_threshold(score_of(x, sw.scale))):
+        run_sparse_linear("cpu", x, sw, threshold, None,
+                          f"sparse_linear[{instruction_set}] x {xdtype} w {wdtype} {rows}x{n_in}->{n_out} t={threshold}")
+
+
+@pytest.mark.parametrize("rows, n_in, n_out", [(1, 45, 100), (5, 301, 4096), (3, 2048, 256)],
+                         ids=["1row", "5rows_split_columns", "3rows_split_inputs"])
+def test_cpu_bf16_dot_product_pass_is_bit_identical_to_the_widening_pass(gen, two_threads, rows, n_in, n_out):
+    # vdpbf16ps adds its two exact products one after the other in row order,
+    # so it must reproduce the AVX-512 widening FMAs bit for bit
+    from steerkern.kernels import cpu as cpu_kernels
+    ext = cpu_kernels._ext
+    before = ext.cpu_capability()
+    try:
+        if ext.set_capability("avx512bf16") != "avx512bf16":
+            pytest.skip("this CPU has no AVX512-BF16")
+        sw = make_weight(gen, n_in, n_out, torch.bfloat16, "wina")
+        x = torch.randn(rows, n_in, generator=gen).to(torch.bfloat16)
+        threshold = robust_threshold(score_of(x, sw.scale))
+        for t in (0.0, threshold):
+            dot = steerkern.sparse_linear(x, sw, threshold=t, backend="cpu")
+            ext.set_capability("avx512")
+            widen = steerkern.sparse_linear(x, sw, threshold=t, backend="cpu")
+            ext.set_capability("avx512bf16")
+            assert_bit_exact(dot, widen, f"avx512bf16 vs avx512, {rows}x{n_in}->{n_out}, t={t}")
+    finally:
+        ext.set_capability(before)
+
+
 @pytest.mark.parametrize("n_out", [256, 4096], ids=["split_inputs", "split_columns"])
 def test_cpu_sparse_linear_batched_rows_equal_each_row_alone_bit_for_bit(gen, two_threads, n_out):
     sw = make_weight(gen, 2048, n_out, torch.bfloat16, "wina")

@@ -16,13 +16,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear", &sk::sparse_linear, "norm-aware sparse activation fused with a linear layer");
   m.def("steer_sparse_linear", &sk::steer_sparse_linear, "sparse_linear(steer(h)) in one call");
   m.def("cpu_capability", [] { return std::string(sk::capability()); },
-        "the instruction set the kernels use: avx512, avx2+fma or portable");
+        "the instruction set the kernels use: avx512bf16, avx512, avx2+fma or portable");
   m.def(
       "set_capability",
       [](const std::string& name) {
         const char* now = sk::set_capability(name.c_str());
         TORCH_CHECK(now != nullptr, "set_capability: unknown name '", name,
-                    "'; expected auto, avx512, avx2+fma (or avx2) or portable");
+                    "'; expected auto, avx512bf16, avx512, avx2+fma (or avx2) or portable");
         return std::string(now);
       },
       "cap the instruction set (for tests and comparisons); returns the one now in use");

@@ -118,6 +118,7 @@ struct SparseJob {
   const float* bias = nullptr;  // [out] fp32 or null
   void* y = nullptr;            // [B, out], row stride out
   DType ydt = DType::F32;
+  bool coef_bf16 = false;  // every coef is exactly a bf16 value (bf16 activations)
 };
 
 // The kernels one instruction set provides.  All take plain pointers.
@@ -136,6 +137,7 @@ extern const Kernels kPortableKernels;
 #define STEERKERN_X86 1
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
+extern const Kernels kAvx512Bf16Kernels;
 #endif
 
 // The kernels for the best instruction set this CPU supports (or the cap set

@@ -1,7 +1,8 @@
 // The CPU kernels, written once over a small vector vocabulary and compiled
 // once per instruction set.  Each isa_*.cpp includes this file inside its own
 // namespace after `#pragma GCC target(...)`, with SK_ISA set to
-//   2: AVX-512 (16 fp32 lanes), 1: AVX2 + FMA + F16C (8 lanes), 0: portable (1 lane).
+//   3: AVX-512 with BF16 dot products, 2: AVX-512 (16 fp32 lanes),
+//   1: AVX2 + FMA + F16C (8 lanes), 0: portable (1 lane).
 // No #include here: everything this file uses is included by the TU before
 // the pragma, so no shared inline function is ever compiled for a wider ISA.
 //
@@ -19,7 +20,8 @@
 //   cols * sizeof(w) bytes; the fp32 accumulators of a column tile stay in
 //   L1 (L2 for B > 2) and 8 active rows are streamed per pass to cut
 //   accumulator traffic.  bf16 weights are widened by a 16-bit shift, fp16
-//   by F16C.
+//   by F16C; with AVX512-BF16 and bf16 activations, pairs of active rows go
+//   through vdpbf16ps instead (half the instructions per weight byte).
 
 namespace {
 
@@ -27,7 +29,7 @@ constexpr float kTiny = 1e-30f;
 
 
 // ---------------------------------------------------------------- vectors
-#if SK_ISA == 2
+#if SK_ISA >= 2
 using vf = __m512;
 constexpr int64_t W = 16;
 inline vf vzero() { return _mm512_setzero_ps(); }
@@ -196,7 +198,7 @@ struct SOps {
 // 2W bf16 values as two fp32 vectors, the even- and the odd-indexed ones:
 // a bf16 is the top half of an fp32, so one shift and one mask convert 2W
 // values (the accumulators keep this split order until the final store).
-#if SK_ISA == 2
+#if SK_ISA >= 2
 inline void vload_bf16_split(const uint16_t* p, vf& even, vf& odd) {
   __m512i v = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -577,6 +579,81 @@ inline void unsplit(float* acc, int64_t n) {
 }
 #endif
 
+#if SK_ISA == 3
+// The AVX512-BF16 form of the bf16 pass, for coefficients that are exactly
+// bf16 (bf16 activations): two active rows a < b are interleaved word by
+// word, b in the low and a in the high half of each 32-bit lane, and
+// vdpbf16ps adds the high product and then the low one, each rounded (the
+// documented order, checked on the hardware).  A bf16 x bf16 product is exact
+// in fp32, so a lane gets the same two fused multiply-adds, in the same row
+// order, as the widening pass: the results are bit-identical to it, and rows
+// of a batch stay equal to rows alone, except that the instruction treats
+// subnormal inputs and results (below 1.2e-38) as zero.  It does in one
+// instruction what the widening pass does in five.  Per block of 2W columns
+// the lanes hold, per 128-bit quarter q, columns 8q..8q+3 (first W) and
+// 8q+4..8q+7 (second W); unpair() restores the natural order.  `rows` is 2P,
+// or 1 for a last odd row (paired with itself at coefficient 0).
+inline uint32_t bf16_bits(float c) { return f32_to_bits(c) >> 16; }
+
+template <int B, int P>
+inline void rows_pass_dp(const SparseJob& job, int64_t j, int rows, int64_t t0, int64_t n, float* acc, int64_t tc) {
+  const uint16_t* w[2 * P];
+  const char* pf[2 * P];
+  __m512bh c[B][P];
+  const auto* wt = static_cast<const uint16_t*>(job.wt);
+  for (int g = 0; g < 2 * P; ++g) {
+    const int64_t jg = j + std::min(g, rows - 1);
+    w[g] = wt + int64_t(job.idx[jg]) * job.out + t0;
+    const int64_t jn = std::min<int64_t>(j + rows + g, job.nact - 1);
+    pf[g] = reinterpret_cast<const char*>(wt + int64_t(job.idx[jn]) * job.out + t0);
+  }
+  for (int b = 0; b < B; ++b) {
+    const float* cb = job.coef + b * job.coef_ld + j;
+    for (int p = 0; p < P; ++p) {
+      const uint32_t hi = bf16_bits(cb[2 * p]);
+      const uint32_t lo = 2 * p + 1 < rows ? bf16_bits(cb[2 * p + 1]) : 0u;
+      c[b][p] = reinterpret_cast<__m512bh>(_mm512_set1_epi32(int(lo | (hi << 16))));
+    }
+  }
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    for (int g = 0; g < 2 * P; ++g) __builtin_prefetch(pf[g] + i * 2, 0, 2);  // 0: read, 2: into L2
+    __m512bh lo[P], hi[P];
+    for (int p = 0; p < P; ++p) {
+      const __m512i a = _mm512_loadu_si512(w[2 * p] + i), b = _mm512_loadu_si512(w[2 * p + 1] + i);
+      lo[p] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(b, a));
+      hi[p] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(b, a));
+    }
+    for (int b = 0; b < B; ++b) {
+      float* a = acc + b * tc + i;
+      vf al = vload_f32(a), ah = vload_f32(a + W);
+      for (int p = 0; p < P; ++p) {
+        al = _mm512_dpbf16_ps(al, lo[p], c[b][p]);
+        ah = _mm512_dpbf16_ps(ah, hi[p], c[b][p]);
+      }
+      vstore_f32(a, al);
+      vstore_f32(a + W, ah);
+    }
+  }
+  if (i < n) {  // the tail, natural order
+    if (rows == 2 * P) rows_pass<B, 2 * P, DType::BF16>(job, j, t0 + i, n - i, acc + i, tc);
+    else rows_pass<B, 1, DType::BF16>(job, j, t0 + i, n - i, acc + i, tc);
+  }
+}
+
+inline void unpair(float* acc, int64_t n) {
+  float tmp[2 * W];
+  for (int64_t i = 0; i + 2 * W <= n; i += 2 * W) {
+    for (int64_t q = 0; q < 4; ++q)
+      for (int64_t k = 0; k < 4; ++k) {
+        tmp[8 * q + k] = acc[i + 4 * q + k];
+        tmp[8 * q + 4 + k] = acc[i + W + 4 * q + k];
+      }
+    std::memcpy(acc + i, tmp, sizeof(tmp));
+  }
+}
+#endif
+
 // Active rows streamed per pass: 8 concurrent row streams keep enough cache
 // misses in flight (measured: 4 rows reach ~25% less bandwidth on bf16), and
 // the accumulator tile is loaded and stored once per 8 rows.  The bf16 pass
@@ -608,9 +685,18 @@ void sparse_cols_t(const SparseJob& job, int64_t c0, int64_t c1) {
     int64_t j = 0;
 #if SK_ISA > 0
     if constexpr (WT == DType::BF16) {
-      for (; j + G <= job.nact; j += G) rows_pass_bf16<B, G>(job, j, t0, n, acc, tc);
-      for (; j < job.nact; ++j) rows_pass_bf16<B, 1>(job, j, t0, n, acc, tc);
-      for (int b = 0; b < B; ++b) unsplit(acc + b * tc, n);
+#if SK_ISA == 3
+      if (job.coef_bf16) {
+        for (; j + G <= job.nact; j += G) rows_pass_dp<B, G / 2>(job, j, G, t0, n, acc, tc);
+        for (; j < job.nact; j += 2) rows_pass_dp<B, 1>(job, j, int(std::min<int64_t>(2, job.nact - j)), t0, n, acc, tc);
+        for (int b = 0; b < B; ++b) unpair(acc + b * tc, n);
+      } else
+#endif
+      {
+        for (; j + G <= job.nact; j += G) rows_pass_bf16<B, G>(job, j, t0, n, acc, tc);
+        for (; j < job.nact; ++j) rows_pass_bf16<B, 1>(job, j, t0, n, acc, tc);
+        for (int b = 0; b < B; ++b) unsplit(acc + b * tc, n);
+      }
     }
 #endif
     for (; j + G <= job.nact; j += G) rows_pass<B, G, WT>(job, j, t0, n, acc, tc);

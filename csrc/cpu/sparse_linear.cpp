@@ -250,6 +250,7 @@ void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   job.bias = opt_ptr(a.bias);
   job.y = y.data_ptr();
   job.ydt = xdt;
+  job.coef_bf16 = xdt == DType::BF16;  // coef holds values of x (or 0)
   const int64_t chunks = input_chunks(in, a.out * dtype_size(a.wdt));
   if (chunks > 1) {
     split_inputs(job, kern, chunks, in, y);
