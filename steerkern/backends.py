@@ -55,6 +55,22 @@ _local = threading.local()
 # (op, backend) pairs served by a derived implementation (see DERIVED_FROM)
 _DERIVED = set()
 
+# a steer_ implementation -> its fused residual-add form, ``add_steer(residual,
+# x, index, *table)`` = steer(residual + x) in a new tensor, where a backend
+# has one (the C++ CPU kernels): a patched layer's post-MLP site then forms
+# its stream and steers it in one call
+_ADD_STEER: Dict[Callable, Callable] = {}
+
+
+def register_add_steer(steer_: Callable, add_steer: Callable) -> None:
+    """Declare ``add_steer`` the fused residual-add form of the ``steer_`` implementation ``steer_``."""
+    _ADD_STEER[steer_] = add_steer
+
+
+def add_steer_of(steer_: Callable) -> Optional[Callable]:
+    """The fused residual-add form of a ``steer_`` implementation, or None."""
+    return _ADD_STEER.get(steer_)
+
 
 def _derive(op: str, fns: List[Callable]) -> Callable:
     """``op`` from the implementations of ``DERIVED_FROM[op]``: correct

@@ -9,6 +9,7 @@ namespace sk = steerkern::cpu;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "steerkern CPU kernels (see steerkern/ops/reference.py for the semantics)";
   m.def("steer", &sk::steer, "steer rows of h [rows, d] by the table");
+  m.def("add_steer", &sk::add_steer, "steer(residual + x) in a new tensor, any leading shape");
   m.def("add_steer_rmsnorm", &sk::add_steer_rmsnorm, "fused residual add, steer and RMSNorm; returns (r, y)");
   m.def("steer_", &sk::steer_, "steer rows of h [rows, d] in place");
   m.def("add_steer_rmsnorm_", &sk::add_steer_rmsnorm_,

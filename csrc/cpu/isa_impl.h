@@ -11,7 +11,8 @@
 //   fp32 row buffer (L1/L2 resident), steered there, written once:
 //   rows * d * 2E bytes.  Rows with index 0, or whose condition fails, are
 //   copied bit-exact.  out may be h itself (steer_): a row is fully read
-//   before any of it is written.
+//   before any of it is written.  With a residual (add_steer), the row is
+//   T(h + residual), written to out in the reading pass, then steered there.
 // * add_steer_rmsnorm_rows: x, residual -> r, y: rows * d * 4E bytes.  In
 //   place (add_steer_rmsnorm_), r is residual and y is x: each element of
 //   residual is read before r overwrites it, and x is read whole before y.
@@ -431,12 +432,21 @@ void steer_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
     const char* src = static_cast<const char*>(job.h) + r * bytes;
     char* dst = static_cast<char*>(job.out) + r * bytes;
     const int64_t e = entry_of(job, r) - 1;
+    const bool more = r + 1 < r1;
+    if (job.residual) {  // add_steer: dst = steer(T(src + residual)); the sum is written first
+      const char* res = static_cast<const char*>(job.residual) + r * bytes;
+      const RowSums sums = read_row<T, true>(src, res, dst, buf, d, e >= 0 ? first_direction(t, e) : nullptr,
+                                             e >= 0 ? condition_direction(t, e) : nullptr,
+                                             more ? src + bytes : nullptr, more ? res + bytes : nullptr);
+      if (e >= 0 && condition_holds(t, e, sums)) apply_entry<T>(t, e, buf, sums, dst, false);
+      continue;
+    }
     if (e < 0) {
       if (dst != src) std::memcpy(dst, src, bytes);  // in place (steer_): already there
       continue;
     }
     const RowSums sums = read_row<T, false>(src, nullptr, nullptr, buf, d, first_direction(t, e),
-                                            condition_direction(t, e), r + 1 < r1 ? src + bytes : nullptr, nullptr);
+                                            condition_direction(t, e), more ? src + bytes : nullptr, nullptr);
     if (!condition_holds(t, e, sums)) {
       if (dst != src) std::memcpy(dst, src, bytes);
       continue;

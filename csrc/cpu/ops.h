@@ -27,6 +27,13 @@ void steer_(const at::Tensor& h, const OptTensor& index, const OptTensor& basis,
             const OptTensor& shift, const OptTensor& cond_dir, const OptTensor& cond_threshold,
             const OptTensor& preserve_norm);
 
+// steer(residual + x) in a new tensor (the sum rounded to the dtype first), for
+// a layer's post-MLP site: the residual add and the steer in one pass.
+at::Tensor add_steer(const at::Tensor& residual, const at::Tensor& x, const OptTensor& index,
+                     const OptTensor& basis, const OptTensor& target, const OptTensor& gain, const OptTensor& vec,
+                     const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
+                     const OptTensor& cond_dir, const OptTensor& cond_threshold, const OptTensor& preserve_norm);
+
 std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
     const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight, double eps, double weight_offset,
     const OptTensor& index, const OptTensor& basis, const OptTensor& target, const OptTensor& gain,

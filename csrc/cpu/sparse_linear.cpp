@@ -298,6 +298,10 @@ at::Tensor sparse_linear_checked(const at::Tensor& x, const SparseArgs& a) {
     return y;
   }
   // groups of up to 8 rows, each one pass over its union of active rows
+  if (B <= kMaxSmallBatch) {  // decode: no narrowed views to make
+    small_batch(x, a, y);
+    return y;
+  }
   for (int64_t b0 = 0; b0 < B; b0 += kMaxSmallBatch) {
     const int64_t nb = std::min(kMaxSmallBatch, B - b0);
     at::Tensor yb = y.narrow(0, b0, nb);

@@ -224,5 +224,28 @@ void add_steer_rmsnorm_(const at::Tensor& x, const at::Tensor& residual, const a
   for_rows(x.size(0), x.size(1), [&](int64_t r0, int64_t r1) { kern.add_steer_rmsnorm_rows(job, r0, r1); });
 }
 
+at::Tensor add_steer(const at::Tensor& residual, const at::Tensor& x, const OptTensor& index,
+                     const OptTensor& basis, const OptTensor& target, const OptTensor& gain, const OptTensor& vec,
+                     const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
+                     const OptTensor& cond_dir, const OptTensor& cond_threshold, const OptTensor& preserve_norm) {
+  // any leading shape: a patched layer passes its [B, S, d] streams as they are
+  TORCH_CHECK(residual.dim() >= 1 && residual.is_contiguous(), "residual: expected a contiguous tensor, got shape ",
+              residual.sizes());
+  const int64_t d = residual.size(-1);
+  SteerJob job = steer_job(residual.view({-1, d}), "residual", index, basis, target, gain, vec, alpha, scale, shift,
+                           cond_dir, cond_threshold, preserve_norm);
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type() && x.is_contiguous() &&
+                  x.device().is_cpu(),
+              "x: expected a contiguous CPU ", residual.scalar_type(), " tensor of shape ", residual.sizes(),
+              " (that of residual), got ", x.scalar_type(), " of shape ", x.sizes());
+  at::Tensor out = at::empty_like(residual);
+  job.h = x.data_ptr();
+  job.residual = residual.data_ptr();
+  job.out = out.data_ptr();
+  const Kernels& kern = kernels();
+  for_rows(residual.numel() / std::max<int64_t>(d, 1), d, [&](int64_t r0, int64_t r1) { kern.steer_rows(job, r0, r1); });
+  return out;
+}
+
 }  // namespace cpu
 }  // namespace steerkern

@@ -37,3 +37,5 @@ def register_ops(ext, backend: str, device_type: str) -> None:
     for op in backends.OPS:
         if hasattr(ext, op):
             backends.register(op, backend, getattr(ext, op))
+    if hasattr(ext, "steer_") and hasattr(ext, "add_steer"):
+        backends.register_add_steer(ext.steer_, ext.add_steer)

@@ -105,6 +105,22 @@ def steer_rows_(h: torch.Tensor, index, table, backend: str = "auto") -> None:
     _in_rows(fn, h, h.shape[-1], _flat_index(index), *table)
 
 
+def add_steer_kernel(residual: torch.Tensor, x: torch.Tensor, backend: str = "auto"):
+    """The kernel forming ``steer(residual + x)`` in one pass, for a patched
+    layer's post-MLP site: ``fn(residual, x, index, *table)`` returns a new
+    tensor, bit-exact with the add followed by ``steer``.  None where the
+    backend has no such kernel, where the eager hot path may not run (see
+    :func:`hot_in_place`), or for operands it does not take (non-contiguous,
+    different shapes or dtypes); the caller then adds and steers."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return None
+    fused = backends.add_steer_of(backends.select("steer_", residual.device.type, backend))
+    if (fused is None or residual.shape != x.shape or residual.dtype != x.dtype
+            or not (residual.is_contiguous() and x.is_contiguous())):
+        return None
+    return fused
+
+
 def _steer_inplace_impl(h, index, *rest):
     table, backend = _split_backend(rest, _TABLE_LEN)
     steer_rows_(h, index, table, backend)

@@ -187,7 +187,11 @@ class SteerTable:
 
     def tensors(self) -> tuple:
         """The table in the op schema's argument order."""
-        return tuple(getattr(self, n) for n in self.tensor_names())
+        # spelled out (not a loop over the names): this runs per steered site
+        # and token, and torch.compile traces it; _TABLE_TENSOR_NAMES is checked
+        # against it at import
+        return (self.basis, self.target, self.gain, self.vec, self.alpha, self.scale, self.shift, self.cond_dir,
+                self.cond_threshold, self.preserve_norm)
 
     def to(self, device) -> "SteerTable":
         return SteerTable(self.hidden_size, *(None if t is None else t.to(device) for t in self.tensors()))
@@ -316,6 +320,8 @@ class SteerTable:
 
 # computed once: torch.compile cannot trace dataclasses.fields() on the class
 _TABLE_TENSOR_NAMES = tuple(f.name for f in dataclasses.fields(SteerTable) if f.name != "hidden_size")
+assert _TABLE_TENSOR_NAMES == ("basis", "target", "gain", "vec", "alpha", "scale", "shift", "cond_dir",
+                              "cond_threshold", "preserve_norm"), "SteerTable.tensors() must follow the fields"
 
 
 def finite_scalar(value, name: str) -> float:

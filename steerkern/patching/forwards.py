@@ -10,8 +10,9 @@ what it computed before.  Where the post-attention residual feeds an RMSNorm
 Every forward reads its layer's :class:`LayerSteering` (``self.steerkern``)
 and passes the layer's other arguments on to the attention unchanged.  A
 stream the forward has just formed itself (``residual + out``) is steered in
-place (``SiteSteer.steer_owned``); the layer's input, which the caller may
-still hold (``output_hidden_states``), never is.
+place (``SiteSteer.steer_owned``), or formed and steered in one kernel call
+(``SiteSteer.add_steer``); the layer's input, which the caller may still hold
+(``output_hidden_states``), is never written.
 """
 from __future__ import annotations
 
@@ -75,9 +76,8 @@ def prenorm_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         x = self.post_attention_layernorm(hidden_states)
     else:
         residual, x = sk.fused_norm(self, x, residual)
-    x = self.mlp(x)
-    hidden_states = residual + _dropout(self, "resid_mlp_dropout", x)
-    return hidden_states if sk.post_mlp is None else sk.post_mlp.steer_owned(hidden_states)
+    x = _dropout(self, "resid_mlp_dropout", self.mlp(x))
+    return residual + x if sk.post_mlp is None else sk.post_mlp.add_steer(residual, x)
 
 
 def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -98,8 +98,7 @@ def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         residual, x = sk.fused_norm(self, x, residual)
     x = self.mlp(x)
     x = self.post_feedforward_layernorm(x)
-    hidden_states = residual + x
-    return hidden_states if sk.post_mlp is None else sk.post_mlp.steer_owned(hidden_states)
+    return residual + x if sk.post_mlp is None else sk.post_mlp.add_steer(residual, x)
 
 
 def gpt2_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -117,8 +116,8 @@ def gpt2_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     if sk.post_attn is not None:
         hidden_states = sk.post_attn.steer_owned(hidden_states)
     residual = hidden_states
-    hidden_states = residual + self.mlp(self.ln_2(hidden_states))
-    return hidden_states if sk.post_mlp is None else sk.post_mlp.steer_owned(hidden_states)
+    x = self.mlp(self.ln_2(hidden_states))
+    return residual + x if sk.post_mlp is None else sk.post_mlp.add_steer(residual, x)
 
 
 def neox_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:

@@ -168,6 +168,20 @@ class SiteSteer(nn.Module):
             h = steer(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
         return h
 
+    def add_steer(self, residual: Tensor, x: Tensor) -> Tensor:
+        """``steer(residual + x)``, a new tensor: the layer's residual add and
+        this site's first table in one kernel call where the backend has one
+        (bit-exact with the add, then the steer), else the add and then
+        :meth:`steer_owned`."""
+        fused = library.add_steer_kernel(residual, x, self.backend) if self.tables else None
+        if fused is None:
+            return self.steer_owned(residual + x)
+        index = self.tracker.index(self.slots[0], residual)
+        h = fused(residual, x, None if index is None else index.view(-1), *self.tables[0].tensors())
+        for table, slot in zip(self.tables[1:], self.slots[1:]):
+            library.steer_rows_(h, self.tracker.index(slot, h), table.tensors(), self.backend)
+        return h
+
     def steer_owned(self, h: Tensor) -> Tensor:
         """Steer ``h``, a fresh tensor the layer itself just made (``residual +
         out``) that nothing else holds: in place in eager inference, so nothing
