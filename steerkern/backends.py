@@ -55,21 +55,25 @@ _local = threading.local()
 # (op, backend) pairs served by a derived implementation (see DERIVED_FROM)
 _DERIVED = set()
 
-# a steer_ implementation -> its fused residual-add form, ``add_steer(residual,
-# x, index, *table)`` = steer(residual + x) in a new tensor, where a backend
-# has one (the C++ CPU kernels): a patched layer's post-MLP site then forms
-# its stream and steers it in one call
-_ADD_STEER: Dict[Callable, Callable] = {}
+# (an implementation, a form name) -> a kernel that does more in one call,
+# where a backend has one (the C++ CPU kernels).  The eager hot paths of the
+# patched modules use them:
+# * ``("add_steer")`` of ``steer_``: ``fn(residual, x, index, *table)`` =
+#   steer(residual + x) in a new tensor (a post-MLP site's add and steer);
+# * ``("parts")`` of ``sparse_linear``: ``fn(x, weight_ts, biases, scales,
+#   thresholds)``, one x of any leading shape through several weights (the
+#   parts of a fused projection, or sibling projections such as q/k/v).
+_FORMS: Dict[tuple, Callable] = {}
 
 
-def register_add_steer(steer_: Callable, add_steer: Callable) -> None:
-    """Declare ``add_steer`` the fused residual-add form of the ``steer_`` implementation ``steer_``."""
-    _ADD_STEER[steer_] = add_steer
+def register_form(impl: Callable, form: str, fn: Callable) -> None:
+    """Declare ``fn`` the ``form`` of the implementation ``impl`` (see ``_FORMS``)."""
+    _FORMS[(impl, form)] = fn
 
 
-def add_steer_of(steer_: Callable) -> Optional[Callable]:
-    """The fused residual-add form of a ``steer_`` implementation, or None."""
-    return _ADD_STEER.get(steer_)
+def form_of(impl: Callable, form: str) -> Optional[Callable]:
+    """The ``form`` of an implementation that :func:`select` returned, or None."""
+    return _FORMS.get((impl, form))
 
 
 def _derive(op: str, fns: List[Callable]) -> Callable:

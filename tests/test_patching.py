@@ -426,3 +426,67 @@ def test_class_level_apply_patches_models_built_afterwards():
     steerkern.unpatch(model)
     assert not hasattr(type(model).forward, "__steerkern_original__")
     torch.testing.assert_close(got, reference(model, "llama", plan, ids), atol=1e-4, rtol=1e-4)
+
+
+
+def _decode_step(model, ids):
+    first = model(ids[:, :-1], use_cache=True)
+    return model(ids[:, -1:], past_key_values=first.past_key_values, use_cache=True).logits[:, -1]
+
+
+def _ungrouped(modules, fn):
+    """fn() with the sibling groups of ``modules`` switched off, then back on."""
+    groups = [m.group for m in modules]
+    for m in modules:
+        m.group = None
+    try:
+        return fn()
+    finally:
+        for m, grp in zip(modules, groups):
+            m.group = grp
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_sibling_projections_share_one_kernel_call_and_stay_exact(family):
+    model = M.build(family)
+    ids = M.input_ids(1, 6)
+    plan = SparsityPlan(median_thresholds(model, family, ids), mode="wina")
+    with steerkern.patch(model, sparsity=plan):
+        sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        groups = {id(m.group): m.group for m in sparse if m.group is not None}
+        names = sorted(tuple(sorted(n for ref in g.members for n in ref().names)) for g in groups.values())
+        layers = len(M._layers(model))
+        want = [("k_proj", "q_proj", "v_proj")] * layers
+        if family == "llama":
+            want += [("gate_proj", "up_proj")] * layers
+        assert names == sorted(want)
+        if family == "llama":
+            together = _decode_step(model, ids)
+            alone = _ungrouped(sparse, lambda: _decode_step(model, ids))
+        else:  # an encoder has no decode step: call the grouped members on one token
+            x = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+            members = [m for m in sparse if m.group is not None]
+            together = torch.cat([m(x) for m in members], dim=-1)
+            alone = _ungrouped(members, lambda: torch.cat([m(x) for m in members], dim=-1))
+    assert torch.equal(together, alone), "grouped calls must equal per-module calls bit for bit"
+    assert all(m.group is None for m in sparse), "unpatching drops the groups"
+
+
+def test_a_sibling_fed_another_input_computes_its_own_output():
+    model = M.build("llama")
+    ids = M.input_ids(1, 6)
+    plan = SparsityPlan(median_thresholds(model, "llama", ids), mode="wina")
+    with steerkern.patch(model, sparsity=plan):
+        attn = M._layers(model)[0].self_attn
+        q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+        assert q.group is not None and q.group is k.group is v.group
+        g = torch.Generator().manual_seed(3)
+        x1 = torch.randn(1, 1, model.config.hidden_size, generator=g)
+        x2 = torch.randn(1, 1, model.config.hidden_size, generator=g)
+        x1_before = x1.clone()
+        got_q = q(x1)  # computes q, k and v of x1 in one call
+        x1.add_(0.5)   # written in place: v must not take the cached v of the old x1
+        got_v = v(x1)  # (and computes q, k and v of the new x1)
+        got_k = k(x2)  # another tensor: k of x2, not the cached k of x1
+        want = _ungrouped([q, k, v], lambda: (q(x1_before), k(x2), v(x1)))
+    assert torch.equal(got_q, want[0]) and torch.equal(got_k, want[1]) and torch.equal(got_v, want[2])

@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_steer_rmsnorm_", &sk::add_steer_rmsnorm_,
         "add_steer_rmsnorm in place: residual <- r, x <- y (vLLM's fused_add_rms_norm convention)");
   m.def("sparse_linear", &sk::sparse_linear, "norm-aware sparse activation fused with a linear layer");
+  m.def("sparse_linear_parts", &sk::sparse_linear_parts,
+        "sparse_linear of one x (any leading shape) through several weights; a list of outputs");
   m.def("steer_sparse_linear", &sk::steer_sparse_linear, "sparse_linear(steer(h)) in one call");
   m.def("cpu_capability", [] { return std::string(sk::capability()); },
         "the instruction set the kernels use: avx512bf16, avx512, avx2+fma or portable");

@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -49,6 +50,15 @@ void add_steer_rmsnorm_(const at::Tensor& x, const at::Tensor& residual, const a
 
 at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const OptTensor& bias,
                          const OptTensor& scale, const at::Tensor& threshold, int64_t topk);
+
+// sparse_linear of one x through several weights (the parts of a fused
+// projection, or sibling projections such as q/k/v): x of any leading shape,
+// each output [..., out_p]; threshold masks only.  At decode batch sizes the
+// parts share one parallel region.
+std::vector<at::Tensor> sparse_linear_parts(const at::Tensor& x, const std::vector<at::Tensor>& weight_ts,
+                                            const std::vector<OptTensor>& biases,
+                                            const std::vector<OptTensor>& scales,
+                                            const std::vector<at::Tensor>& thresholds);
 
 at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, const OptTensor& basis,
                                const OptTensor& target, const OptTensor& gain, const OptTensor& vec,

@@ -174,75 +174,48 @@ int64_t input_chunks(int64_t in, int64_t row_bytes) {
 }
 
 // The split itself: range c is inputs [c * in / chunks, (c + 1) * in / chunks).
-void split_inputs(const SparseJob& job, const Kernels& kern, int64_t chunks, int64_t in, at::Tensor& y) {
-  const int64_t B = job.B, out = job.out;
-  std::vector<int64_t> first(chunks + 1);  // first position in idx of each range
-  for (int64_t c = 0, j = 0; c <= chunks; ++c) {
-    const int64_t lo = c * in / chunks;
-    while (j < job.nact && job.idx[j] < lo) ++j;
-    first[c] = c == chunks ? job.nact : j;
-  }
-  float* partial = scratch(chunks * B * out, 4);  // [chunks, B, out] fp32, summed into range 0
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      SparseJob part = job;
-      part.idx = job.idx + first[c];
-      part.coef = job.coef + first[c];  // coef_ld stays the whole job's nact
-      part.nact = first[c + 1] - first[c];
-      part.bias = nullptr;
-      part.y = partial + c * B * out;
-      part.ydt = DType::F32;
-      kern.sparse_cols(part, 0, out);
-    }
-  });
-  for (int64_t c = 1; c < chunks; ++c) {
-    const float* p = partial + c * B * out;
-    for (int64_t i = 0; i < B * out; ++i) partial[i] += p[i];
-  }
-  if (job.bias) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < out; ++i) partial[b * out + i] += job.bias[i];
-  }
-  y.copy_(at::from_blob(partial, {B, out}, at::TensorOptions().dtype(at::kFloat)));
-}
+// One part's active input rows and coefficients for a batch of B <= 8 rows
+// (every row's own mask; the union of the rows' active inputs is streamed).
+struct Prepared {
+  std::vector<float> xf, score, coef;
+  std::vector<uint8_t> flags;
+  std::vector<int32_t> idx;
+  SparseJob job;
+};
 
-// Up to 8 rows: one pass over the union of the rows' active inputs.
-void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
+void prepare(const at::Tensor& x, const SparseArgs& a, at::Tensor& y, Prepared& p) {
   const Kernels& kern = kernels();
   const int64_t B = x.size(0), in = a.in;
   const DType xdt = float_dtype(x, "x");
   const int64_t xs = dtype_size(xdt);
-  // per thread, reused: one call per projection per decoded token
-  thread_local std::vector<float> xf, score, coef;
-  thread_local std::vector<uint8_t> flags;
-  thread_local std::vector<int32_t> idx;
-  grow(xf, B * in);
-  grow(score, in);
-  grow(flags, B * in);
-  grow(idx, in);
+  grow(p.xf, B * in);
+  grow(p.score, in);
+  grow(p.flags, B * in);
+  grow(p.idx, in);
   for (int64_t b = 0; b < B; ++b) {
-    kern.scores(static_cast<const char*>(x.data_ptr()) + b * in * xs, xdt, opt_ptr(a.scale), in, xf.data() + b * in,
-                score.data());
-    mask_row(score.data(), in, a, flags.data() + b * in);
+    kern.scores(static_cast<const char*>(x.data_ptr()) + b * in * xs, xdt, opt_ptr(a.scale), in,
+                p.xf.data() + b * in, p.score.data());
+    mask_row(p.score.data(), in, a, p.flags.data() + b * in);
   }
   int64_t nact = 0;
   for (int64_t i = 0; i < in; ++i) {
     uint8_t any = 0;
-    for (int64_t b = 0; b < B; ++b) any |= flags[b * in + i];
-    idx[nact] = int32_t(i);
+    for (int64_t b = 0; b < B; ++b) any |= p.flags[b * in + i];
+    p.idx[nact] = int32_t(i);
     nact += any;
   }
-  grow(coef, B * nact);
+  grow(p.coef, B * nact);
   for (int64_t b = 0; b < B; ++b) {
-    const float* xb = xf.data() + b * in;
-    const uint8_t* fb = flags.data() + b * in;
-    for (int64_t j = 0; j < nact; ++j) coef[b * nact + j] = fb[idx[j]] ? xb[idx[j]] : 0.0f;
+    const float* xb = p.xf.data() + b * in;
+    const uint8_t* fb = p.flags.data() + b * in;
+    for (int64_t j = 0; j < nact; ++j) p.coef[b * nact + j] = fb[p.idx[j]] ? xb[p.idx[j]] : 0.0f;
   }
-  SparseJob job;
+  SparseJob& job = p.job;
+  job = SparseJob();
   job.B = B;
   job.nact = nact;
-  job.idx = idx.data();
-  job.coef = coef.data();
+  job.idx = p.idx.data();
+  job.coef = p.coef.data();
   job.coef_ld = nact;
   job.wt = a.weight_t.data_ptr();
   job.wdt = a.wdt;
@@ -251,21 +224,82 @@ void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   job.y = y.data_ptr();
   job.ydt = xdt;
   job.coef_bf16 = xdt == DType::BF16;  // coef holds values of x (or 0)
-  const int64_t chunks = input_chunks(in, a.out * dtype_size(a.wdt));
-  if (chunks > 1) {
-    split_inputs(job, kern, chunks, in, y);
-    return;
+}
+
+// Parts (sibling projections of the same x, or one layer alone) split over
+// input ranges, all in one parallel region: range c of every part goes to
+// the same thread, into fp32 partial sums that are added afterwards.
+void split_inputs(const std::vector<Prepared*>& parts, int64_t chunks, int64_t in, std::vector<at::Tensor*>& ys) {
+  const Kernels& kern = kernels();
+  const int64_t P = int64_t(parts.size());
+  std::vector<int64_t> first(P * (chunks + 1));  // per part, the first position in idx of each range
+  std::vector<int64_t> offset(P + 1, 0);         // per part, where its [chunks, B, out] partial sums start
+  for (int64_t p = 0; p < P; ++p) {
+    const SparseJob& job = parts[p]->job;
+    for (int64_t c = 0, j = 0; c <= chunks; ++c) {
+      const int64_t lo = c * in / chunks;
+      while (j < job.nact && job.idx[j] < lo) ++j;
+      first[p * (chunks + 1) + c] = c == chunks ? job.nact : j;
+    }
+    offset[p + 1] = offset[p] + chunks * job.B * job.out;
   }
-  const int64_t blocks = (a.out + kColumnBlock - 1) / kColumnBlock;
-  // at least ~64K multiply-adds per thread, so that small layers stay inline
-  const int64_t work_per_block = std::max<int64_t>(1, B * nact * kColumnBlock);
+  float* partial = scratch(offset[P], 4);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t p = 0; p < P; ++p) {
+        const SparseJob& job = parts[p]->job;
+        const int64_t* f = first.data() + p * (chunks + 1);
+        SparseJob part = job;
+        part.idx = job.idx + f[c];
+        part.coef = job.coef + f[c];  // coef_ld stays the whole job's nact
+        part.nact = f[c + 1] - f[c];
+        part.bias = nullptr;
+        part.y = partial + offset[p] + c * job.B * job.out;
+        part.ydt = DType::F32;
+        kern.sparse_cols(part, 0, job.out);
+      }
+    }
+  });
+  for (int64_t p = 0; p < P; ++p) {
+    const SparseJob& job = parts[p]->job;
+    const int64_t n = job.B * job.out;
+    float* sum = partial + offset[p];
+    for (int64_t c = 1; c < chunks; ++c) {
+      const float* q = sum + c * n;
+      for (int64_t i = 0; i < n; ++i) sum[i] += q[i];
+    }
+    if (job.bias) {
+      for (int64_t b = 0; b < job.B; ++b)
+        for (int64_t i = 0; i < job.out; ++i) sum[b * job.out + i] += job.bias[i];
+    }
+    ys[p]->copy_(at::from_blob(sum, {job.B, job.out}, at::TensorOptions().dtype(at::kFloat)));
+  }
+}
+
+// One prepared part split over output columns.
+void split_columns(const SparseJob& job) {
+  const Kernels& kern = kernels();
+  const int64_t blocks = (job.out + kColumnBlock - 1) / kColumnBlock;
+  const int64_t work_per_block = std::max<int64_t>(1, job.B * job.nact * kColumnBlock);
   const int64_t grain = std::max<int64_t>(1, 65536 / work_per_block);
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    kern.sparse_cols(job, b0 * kColumnBlock, std::min(b1 * kColumnBlock, a.out));
+    kern.sparse_cols(job, b0 * kColumnBlock, std::min(b1 * kColumnBlock, job.out));
   });
 }
 
-// Prefill: masked rows in fp32, then one dense GEMM.
+void small_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
+  thread_local Prepared prep;
+  prepare(x, a, y, prep);
+  const int64_t chunks = input_chunks(a.in, a.out * dtype_size(a.wdt));
+  if (chunks > 1) {
+    std::vector<Prepared*> parts{&prep};
+    std::vector<at::Tensor*> ys{&y};
+    split_inputs(parts, chunks, a.in, ys);
+    return;
+  }
+  split_columns(prep.job);
+}
+
 void large_batch(const at::Tensor& x, const SparseArgs& a, at::Tensor& y) {
   const Kernels& kern = kernels();
   const int64_t B = x.size(0), in = a.in;
@@ -317,6 +351,63 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const 
   check_rows(x, "x");
   const SparseArgs a = check_sparse(x.size(1), weight_t, bias, scale, "scale", threshold, topk);
   return sparse_linear_checked(x, a);
+}
+
+std::vector<at::Tensor> sparse_linear_parts(const at::Tensor& x, const std::vector<at::Tensor>& weight_ts,
+                                            const std::vector<OptTensor>& biases,
+                                            const std::vector<OptTensor>& scales,
+                                            const std::vector<at::Tensor>& thresholds) {
+  // any leading shape: a patched projection passes its [B, S, in] input as it is
+  TORCH_CHECK(x.dim() >= 1, "x: expected at least one dimension, got a scalar");
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(x.is_contiguous(), "x: expected a contiguous tensor");
+  const int64_t P = int64_t(weight_ts.size());
+  TORCH_CHECK(P >= 1 && int64_t(biases.size()) == P && int64_t(scales.size()) == P && int64_t(thresholds.size()) == P,
+              "parts: expected as many biases, scales and thresholds as weights (", P, "), got ", biases.size(), ", ",
+              scales.size(), " and ", thresholds.size());
+  const int64_t in = x.size(-1);
+  const at::Tensor x2 = x.view({-1, in});
+  float_dtype(x2, "x");
+  std::vector<SparseArgs> args;
+  for (int64_t p = 0; p < P; ++p)  // every part is checked before any work is done
+    args.push_back(check_sparse(in, weight_ts[p], biases[p], scales[p], "scale", thresholds[p], -1));
+  std::vector<at::Tensor> ys;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  const int64_t B = x2.size(0);
+  // siblings share one parallel region when the decode path splits each of
+  // them over the same input ranges; otherwise each part runs on its own
+  int64_t chunks = 0;
+  if (B >= 1 && B <= kMaxSmallBatch && P > 1) {
+    for (const SparseArgs& a : args) {
+      const int64_t c = a.out > 0 ? input_chunks(in, a.out * dtype_size(a.wdt)) : 0;
+      chunks = (chunks == 0 || chunks == c) ? c : -1;
+    }
+  }
+  if (chunks > 1) {
+    thread_local std::vector<Prepared> preps;
+    if (int64_t(preps.size()) < P) preps.resize(size_t(P));
+    std::vector<at::Tensor> flat;
+    std::vector<Prepared*> parts;
+    std::vector<at::Tensor*> outs;
+    flat.reserve(size_t(P));
+    for (int64_t p = 0; p < P; ++p) {
+      flat.push_back(at::empty({B, args[p].out}, x.options()));
+      prepare(x2, args[p], flat.back(), preps[p]);
+      parts.push_back(&preps[p]);
+    }
+    for (auto& t : flat) outs.push_back(&t);
+    split_inputs(parts, chunks, in, outs);
+    for (int64_t p = 0; p < P; ++p) {
+      shape.back() = args[p].out;
+      ys.push_back(flat[p].view(shape));
+    }
+    return ys;
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    shape.back() = args[p].out;
+    ys.push_back(sparse_linear_checked(x2, args[p]).view(shape));
+  }
+  return ys;
 }
 
 at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, const OptTensor& basis,

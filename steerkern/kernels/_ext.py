@@ -37,5 +37,6 @@ def register_ops(ext, backend: str, device_type: str) -> None:
     for op in backends.OPS:
         if hasattr(ext, op):
             backends.register(op, backend, getattr(ext, op))
-    if hasattr(ext, "steer_") and hasattr(ext, "add_steer"):
-        backends.register_add_steer(ext.steer_, ext.add_steer)
+    for op, form, name in (("steer_", "add_steer", "add_steer"), ("sparse_linear", "parts", "sparse_linear_parts")):
+        if hasattr(ext, op) and hasattr(ext, name):
+            backends.register_form(getattr(ext, op), form, getattr(ext, name))

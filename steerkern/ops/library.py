@@ -114,11 +114,21 @@ def add_steer_kernel(residual: torch.Tensor, x: torch.Tensor, backend: str = "au
     different shapes or dtypes); the caller then adds and steers."""
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return None
-    fused = backends.add_steer_of(backends.select("steer_", residual.device.type, backend))
+    fused = backends.form_of(backends.select("steer_", residual.device.type, backend), "add_steer")
     if (fused is None or residual.shape != x.shape or residual.dtype != x.dtype
             or not (residual.is_contiguous() and x.is_contiguous())):
         return None
     return fused
+
+
+def sparse_parts_kernel(x: torch.Tensor, backend: str = "auto"):
+    """The kernel running one ``x`` (any leading shape) through several
+    prepared weights in one call, ``fn(x, weight_ts, biases, scales,
+    thresholds)`` -> outputs, for a patched projection's eager decode path;
+    bit-exact with ``sparse_linear`` per weight.  None where the backend has
+    none or ``x`` is not contiguous; callers check :func:`is_direct` first."""
+    fn = backends.form_of(backends.select("sparse_linear", x.device.type, backend), "parts")
+    return fn if fn is not None and x.is_contiguous() else None
 
 
 def _steer_inplace_impl(h, index, *rest):

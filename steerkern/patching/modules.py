@@ -19,6 +19,7 @@ skipped on this hot path.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -211,6 +212,63 @@ class SiteSteer(nn.Module):
         return h
 
 
+class SiblingGroup:
+    """Projections of one layer that read the same input (q/k/v, gate/up).
+
+    At decode, the first member called runs every member's parts through the
+    kernel in one call (one parallel region, one Python round trip); each
+    other member then takes its output if it is called with that very tensor,
+    unmodified (same object, same version counter), and otherwise computes
+    its own, so a model that feeds the members different inputs still gets
+    exact results.  Members are held weakly: unpatching frees them.
+    """
+
+    def __init__(self, members: Sequence["SparseLinear"]) -> None:
+        self.members = [weakref.ref(m) for m in members]
+        self.x: Optional[Tensor] = None
+        self.version = -1
+        self.outs: dict = {}
+        self.unclaimed = 0  # times outputs were left untaken: the members do not share inputs
+        for m in members:
+            m.group = self
+
+    @property
+    def active(self) -> bool:
+        return self.unclaimed < 3
+
+    def forward(self, member: "SparseLinear", x: Tensor, parts_fn) -> Tensor:
+        if self.x is x and x._version == self.version:
+            y = self.outs.pop(id(member), None)
+            if y is not None:
+                if not self.outs:
+                    self.x = None
+                return y
+        if self.outs:
+            self.unclaimed += 1
+        members = [m() for m in self.members]
+        if any(m is None for m in members) or not self.active:
+            return member.run_parts(x, parts_fn)
+        weights, biases, scales, thresholds = [], [], [], []
+        for m in members:
+            w, b, sc, t = m.part_args()
+            weights += w
+            biases += b
+            scales += sc
+            thresholds += t
+        outs = parts_fn(x, weights, biases, scales, thresholds)
+        self.outs, start, mine = {}, 0, None
+        for m in members:
+            n = len(m.parts)
+            y = outs[start] if n == 1 else torch.cat(outs[start:start + n], dim=-1)
+            start += n
+            if m is member:
+                mine = y
+            else:
+                self.outs[id(m)] = y
+        self.x, self.version = (x, x._version) if self.outs else (None, -1)
+        return mine
+
+
 class SparseLinear(nn.Module):
     """A projection whose input is sparsified (norm-aware, per row).
 
@@ -252,6 +310,8 @@ class SparseLinear(nn.Module):
         self.out_features = w_out_in.shape[0]
         self.layer, self.names = layer, tuple(names)  # where it sits, for set_threshold
         self.dropped_bytes = 0  # the original layout freed by drop_dense
+        self.group: Optional[SiblingGroup] = None  # set by patch() for q/k/v and gate/up
+        self._part_args = None
 
     @property
     def layout_bytes(self) -> int:
@@ -277,7 +337,19 @@ class SparseLinear(nn.Module):
                                    None if p.scale is None else p.scale.to(device))
                       for p in self.parts]
         self.thresholds = [t.to(device) for t in self.thresholds]
+        self._part_args = None
         return self
+
+    def part_args(self):
+        """The parts as the multi-part kernel takes them (lists; built once)."""
+        if self._part_args is None:
+            self._part_args = ([p.weight_t for p in self.parts], [p.bias for p in self.parts],
+                               [p.scale for p in self.parts], list(self.thresholds))
+        return self._part_args
+
+    def run_parts(self, x: Tensor, parts_fn) -> Tensor:
+        outs = parts_fn(x, *self.part_args())
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def set_threshold(self, value: float, part: int = 0) -> None:
         """Write a new threshold in place (no re-patching, no recompile)."""
@@ -285,6 +357,10 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 1 or x.shape[-2] == 1:
+            parts_fn = library.sparse_parts_kernel(x, self.backend) if library.is_direct(x) else None
+            if parts_fn is not None:  # every part (and sibling) in one kernel call
+                group = self.group
+                return group.forward(self, x, parts_fn) if group is not None else self.run_parts(x, parts_fn)
             if library.is_direct(x):
                 outs = [library.sparse_rows(x, p.weight_t, p.bias, p.scale, t, -1, self.backend)
                         for p, t in zip(self.parts, self.thresholds)]

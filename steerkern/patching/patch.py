@@ -33,7 +33,7 @@ from ..ops.table import SteerTable
 from ..plan import SITES, Intervention, SparsityPlan, SteeringPlan
 from . import registry
 from .forwards import FORWARDS, LayerSteering, wrap_module_output
-from .modules import SiteSteer, Slot, SparseLinear, TokenPositions
+from .modules import SiblingGroup, SiteSteer, Slot, SparseLinear, TokenPositions
 
 _HANDLE_ATTR = "_steerkern_handle"
 
@@ -78,8 +78,9 @@ class PatchHandle:
         for original, sparse in self._dropped:
             wt = torch.cat([p.weight_t for p in sparse.parts], dim=1)
             original.weight.data = (wt if sparse.transposed else wt.T).contiguous()
-        for parent, name, original, _ in self._swapped:
+        for parent, name, original, sparse in self._swapped:
             setattr(parent, name, original)
+            sparse.group = None
         if self._hook is not None:
             self._hook.remove()
         for obj in (self.model, self._owner):
@@ -315,6 +316,7 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
             sl.dropped_bytes = original.weight.numel() * original.weight.element_size()
             original.weight.data = torch.empty(0, dtype=original.weight.dtype, device=original.weight.device)
             handle._dropped.append((original, sl))
+    _group_siblings(handle._swapped)
     forward = FORWARDS[family.kind]
     for i, layer in enumerate(layers):
         made = {}
@@ -339,6 +341,19 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
     owner.__dict__[_HANDLE_ATTR] = handle
     handle.active = True
     return handle
+
+
+def _group_siblings(swapped) -> None:
+    """One SiblingGroup per layer and registry.INPUT_GROUPS entry with two or
+    more separate sparse modules (q/k/v, gate/up)."""
+    by_key = {}
+    for _, _, _, sl in swapped:
+        for g, names in enumerate(registry.INPUT_GROUPS):
+            if sl.layer is not None and sl.names and set(sl.names) <= set(names):
+                by_key.setdefault((sl.layer, g), []).append(sl)
+    for members in by_key.values():
+        if len(members) > 1:
+            SiblingGroup(members)
 
 
 def _sparse_jobs(family, layers, plan: SparsityPlan, config, old: Optional[PatchHandle]):

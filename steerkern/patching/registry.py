@@ -35,6 +35,11 @@ from ..plan import SITES
 
 Projection = Tuple[str, Tuple[str, ...]]  # (path inside the layer, canonical names it computes)
 
+# canonical projections that read the same input in every family's layer: a
+# patched layer's separate modules for them run as one kernel call at decode
+# (see patching.modules.SiblingGroup; exact even where a model breaks this)
+INPUT_GROUPS: Tuple[Tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 
 def _llama_projections() -> Tuple[Projection, ...]:
     return tuple((f"self_attn.{p}", (p,)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) + tuple(
