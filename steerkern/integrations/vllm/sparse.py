@@ -133,7 +133,11 @@ def apply(sp: SparseProjection, x: Tensor, bias: Optional[Tensor], dense: Callab
 def _sparse(sp: SparseProjection, x: Tensor, bias: Optional[Tensor]) -> Tensor:
     # the prepared weights were checked at load time: straight into the kernel,
     # as the patched transformers projections do (the custom op under compile)
-    if library.is_direct(x):
+    parts_fn = library.sparse_parts_kernel(x) if library.is_direct(x) else None
+    if parts_fn is not None:  # every part (q, k, v of a fused qkv) in one call
+        outs = parts_fn(x, [w.weight_t for w, _ in sp.parts], [w.bias for w, _ in sp.parts],
+                        [w.scale for w, _ in sp.parts], [t for _, t in sp.parts])
+    elif library.is_direct(x):
         outs = [library.sparse_rows(x, w.weight_t, w.bias, w.scale, t, -1) for w, t in sp.parts]
     else:
         op = library.hot("sparse_linear", x)
