@@ -62,7 +62,9 @@ _DERIVED = set()
 #   steer(residual + x) in a new tensor (a post-MLP site's add and steer);
 # * ``("parts")`` of ``sparse_linear``: ``fn(x, weight_ts, biases, scales,
 #   thresholds)``, one x of any leading shape through several weights (the
-#   parts of a fused projection, or sibling projections such as q/k/v).
+#   parts of a fused projection, or sibling projections such as q/k/v);
+# * ``("any_shape")`` of ``add_steer_rmsnorm``: the op's arguments, with x and
+#   residual of any leading shape (contiguous), r and y returned in it.
 _FORMS: Dict[tuple, Callable] = {}
 
 

@@ -490,3 +490,95 @@ def test_a_sibling_fed_another_input_computes_its_own_output():
         got_k = k(x2)  # another tensor: k of x2, not the cached k of x1
         want = _ungrouped([q, k, v], lambda: (q(x1_before), k(x2), v(x1)))
     assert torch.equal(got_q, want[0]) and torch.equal(got_k, want[1]) and torch.equal(got_v, want[2])
+
+
+def _post_mlp_plan(seed: int = 4) -> SteeringPlan:
+    """Steering at every layer's post-MLP site only: each steered stream
+    feeds the next layer's input norm (the fused path)."""
+    g = torch.Generator().manual_seed(seed)
+    d = M.HIDDEN
+    q = steerkern.orthonormalize(torch.randn(1, d, generator=g))
+    return SteeringPlan([
+        Intervention(SteerEntry(vector=torch.randn(d, generator=g), alpha=0.7), "post_mlp"),
+        Intervention(SteerEntry(directions=q, target=[0.5]), "post_mlp", layers=[0]),
+    ])
+
+
+def _count_norm_calls(model, name="input_layernorm"):
+    calls = [0] * len(M._layers(model))
+    hooks = [getattr(layer, name).register_forward_hook(
+        lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1)) for i, layer in enumerate(M._layers(model))]
+    return calls, hooks
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+def test_post_mlp_steering_is_fused_with_the_next_input_norm(family):
+    plan = _post_mlp_plan()
+    ids = M.input_ids()
+    model = M.build(family)
+    with M.hooked(M.hook_reference(model, family, plan)):
+        ref32 = model(ids, output_hidden_states=True)
+    with steerkern.patch(model, plan):
+        calls, hooks = _count_norm_calls(model)
+        got = model(ids, output_hidden_states=True)
+        for h in hooks:
+            h.remove()
+    # layer 0 normalizes its own input; every later one takes the norm fused
+    # into the previous layer's post-MLP kernel call
+    assert calls == [1] + [0] * (len(calls) - 1)
+    torch.testing.assert_close(got.logits, ref32.logits, atol=1e-4, rtol=1e-4)
+    for i, (g, w) in enumerate(zip(got.hidden_states, ref32.hidden_states)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m: f"hidden_states[{i}]: {m}")
+    # bf16: within twice bf16's own error against the fp32 reference
+    model16 = M.build(family, torch.bfloat16)
+    ref16 = reference(model16, family, plan, ids).float()
+    with steerkern.patch(model16, plan):
+        got16 = out_of(model16, family, ids).float()
+    own = (ref16 - ref32.logits).abs().max()
+    assert (got16 - ref32.logits).abs().max() <= 2 * own + ref32.logits.abs().max() * 2.0 ** -8
+
+
+def test_a_stream_changed_between_layers_gets_its_own_input_norm():
+    # a hook that hands layer 1 another tensor (or writes the stream in place)
+    # must not see the norm the previous layer computed for the old stream
+    plan = _post_mlp_plan()
+    ids = M.input_ids()
+    model = M.build("llama")
+    for in_place in (False, True):
+        def shift(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            if in_place:
+                h.add_(0.25)
+                return None
+            h = h + 0.25
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+        hook = M._layers(model)[1].register_forward_pre_hook(shift, with_kwargs=True)
+        try:
+            want = reference(model, "llama", plan, ids)
+            with steerkern.patch(model, plan):
+                calls, hooks = _count_norm_calls(model)
+                got = out_of(model, "llama", ids)
+                for h in hooks:
+                    h.remove()
+        finally:
+            hook.remove()
+        assert calls[1] == 1, "layer 1 must run its own norm on the changed stream"
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_rows_left_unsteered_stay_bit_exact_through_the_fused_norms(family):
+    # steering only on generated tokens: a prompt forward steers no row, so
+    # neither the post-attention nor the post-MLP site may swap the model's
+    # norms for the fused kernel's, and the output stays bit-exact
+    g = torch.Generator().manual_seed(5)
+    d = M.HIDDEN
+    plan = SteeringPlan([
+        Intervention(SteerEntry(vector=torch.randn(d, generator=g), alpha=0.7), site, positions="generated")
+        for site in ("post_attn", "post_mlp")])
+    model = M.build(family)
+    ids = M.input_ids()
+    want = out_of(model, family, ids)
+    with steerkern.patch(model, plan):
+        got = out_of(model, family, ids)
+    assert torch.equal(got, want)

@@ -183,10 +183,21 @@ void check_residual(const at::Tensor& residual, const at::Tensor& x) {
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
-    const at::Tensor& x, const OptTensor& residual, const at::Tensor& weight, double eps, double weight_offset,
-    const OptTensor& index, const OptTensor& basis, const OptTensor& target, const OptTensor& gain,
-    const OptTensor& vec, const OptTensor& alpha, const OptTensor& scale, const OptTensor& shift,
-    const OptTensor& cond_dir, const OptTensor& cond_threshold, const OptTensor& preserve_norm) {
+    const at::Tensor& x_in, const OptTensor& residual_in, const at::Tensor& weight, double eps,
+    double weight_offset, const OptTensor& index, const OptTensor& basis, const OptTensor& target,
+    const OptTensor& gain, const OptTensor& vec, const OptTensor& alpha, const OptTensor& scale,
+    const OptTensor& shift, const OptTensor& cond_dir, const OptTensor& cond_threshold,
+    const OptTensor& preserve_norm) {
+  // any leading shape (contiguous): a patched layer passes its [B, S, d]
+  // streams as they are; r and y come back in x's shape
+  TORCH_CHECK(x_in.dim() >= 1, "x: expected at least one dimension, got a scalar");
+  const at::Tensor x = x_in.dim() == 2 || !x_in.is_contiguous() ? x_in : x_in.view({-1, x_in.size(-1)});
+  OptTensor residual = residual_in;
+  if (residual_in.has_value()) {
+    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), "residual: expected shape ", x_in.sizes(),
+                " (that of x), got ", residual_in->sizes());
+    if (residual_in->dim() != 2 && residual_in->is_contiguous()) residual = residual_in->view({-1, x.size(-1)});
+  }
   SteerJob job = steer_job(x, "x", index, basis, target, gain, vec, alpha, scale, shift, cond_dir, cond_threshold,
                            preserve_norm);
   if (residual.has_value()) {
@@ -194,8 +205,8 @@ std::tuple<at::Tensor, at::Tensor> add_steer_rmsnorm(
     job.residual = residual->data_ptr();
   }
   set_norm(job, x, weight, eps, weight_offset);
-  at::Tensor r = at::empty_like(x);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor r = at::empty_like(x_in);
+  at::Tensor y = at::empty_like(x_in);
   job.out = r.data_ptr();
   job.y = y.data_ptr();
   const Kernels& kern = kernels();

@@ -37,6 +37,7 @@ def register_ops(ext, backend: str, device_type: str) -> None:
     for op in backends.OPS:
         if hasattr(ext, op):
             backends.register(op, backend, getattr(ext, op))
-    for op, form, name in (("steer_", "add_steer", "add_steer"), ("sparse_linear", "parts", "sparse_linear_parts")):
+    for op, form, name in (("steer_", "add_steer", "add_steer"), ("sparse_linear", "parts", "sparse_linear_parts"),
+                           ("add_steer_rmsnorm", "any_shape", "add_steer_rmsnorm")):
         if hasattr(ext, op) and hasattr(ext, name):
             backends.register_form(getattr(ext, op), form, getattr(ext, name))

@@ -121,6 +121,21 @@ def add_steer_kernel(residual: torch.Tensor, x: torch.Tensor, backend: str = "au
     return fused
 
 
+def add_norm_kernel(x: torch.Tensor, residual: torch.Tensor, backend: str = "auto"):
+    """``add_steer_rmsnorm`` for a patched layer's eager hot path, taking
+    ``x`` and ``residual`` in any leading shape: ``fn(x, residual, weight,
+    eps, weight_offset, index, *table)`` -> ``(r, y)``, where the backend has
+    such a kernel and the operands suit it (see :func:`add_steer_kernel`);
+    else None."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return None
+    fn = backends.form_of(backends.select("add_steer_rmsnorm", x.device.type, backend), "any_shape")
+    if (fn is None or residual.shape != x.shape or residual.dtype != x.dtype
+            or not (x.is_contiguous() and residual.is_contiguous())):
+        return None
+    return fn
+
+
 def sparse_parts_kernel(x: torch.Tensor, backend: str = "auto"):
     """The kernel running one ``x`` (any leading shape) through several
     prepared weights in one call, ``fn(x, weight_ts, biases, scales,

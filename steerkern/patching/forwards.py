@@ -17,8 +17,10 @@ place (``SiteSteer.steer_owned``), or formed and steered in one kernel call
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import List, Optional
 
+import torch
 from torch import Tensor, nn
 
 from .modules import SiteSteer
@@ -50,9 +52,52 @@ class LayerSteering(nn.Module):
         return kwargs
 
     def fused_norm(self, layer: nn.Module, x: Tensor, residual: Tensor):
-        """``(r, y)``: the steered post-attention stream and its MLP norm."""
+        """``(r, y)``: the steered post-attention stream and its MLP norm, in
+        one kernel call where every row is steered (see
+        ``SiteSteer.steers_every_row``), else the steered stream and the
+        layer's own norm of it."""
         norm = getattr(layer, self.mlp_norm)
+        if not self.post_attn.steers_every_row(residual):
+            r = self.post_attn.add_steer(residual, x)
+            return r, norm(r)
         return self.post_attn.add_norm(x, residual, norm.weight, self.eps, self.norm_offset)
+
+    # The post-MLP site fused with the next layer's input RMSNorm: the layer
+    # returns r = steer(residual + x) and leaves y = rmsnorm(r) for the next
+    # layer, which uses it only if it is called with that very r, unmodified
+    # (otherwise it runs its own norm).  Steering then replaces the add and
+    # the norm's several elementwise ops with one kernel call.  Eager
+    # inference only, and only where every row is steered (an unsteered row
+    # stays bit-exact, its norm included); the next layer's norm module is
+    # then not called (its hooks do not run), as with the post-attention site.
+
+    def link_next(self, next_layer: nn.Module, norm_name: str) -> None:
+        """Fuse this layer's post-MLP site with ``next_layer``'s ``norm_name``."""
+        norm = getattr(next_layer, norm_name)
+        # weak references, not submodules: the model owns both
+        self._next = (weakref.ref(next_layer.steerkern), weakref.ref(norm),
+                      float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))))
+
+    def post_mlp_stream(self, residual: Tensor, x: Tensor) -> Tensor:
+        """The layer's output, ``steer(residual + x)`` (post_mlp is set)."""
+        nxt = getattr(self, "_next", None)
+        if (nxt is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and self.post_mlp.steers_every_row(residual)):
+            sk, norm = nxt[0](), nxt[1]()
+            if sk is not None and norm is not None:
+                r, y = self.post_mlp.add_norm(x, residual, norm.weight, nxt[2], self.norm_offset)
+                sk._normed = (r, r._version, y)
+                return r
+        return self.post_mlp.add_steer(residual, x)
+
+    def take_normed(self, h: Tensor) -> Optional[Tensor]:
+        """The input norm of ``h`` that the previous layer computed, or None."""
+        got = getattr(self, "_normed", None)
+        if got is None:
+            return None
+        self._normed = None
+        r, version, y = got
+        return y if r is h and h._version == version else None
 
 
 def _dropout(layer, name: str, x: Tensor) -> Tensor:
@@ -67,7 +112,9 @@ def prenorm_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     if sk.pre is not None:
         hidden_states = sk.pre(hidden_states)
     residual = hidden_states
-    x = self.input_layernorm(hidden_states)
+    x = sk.take_normed(hidden_states)
+    if x is None:
+        x = self.input_layernorm(hidden_states)
     x, _ = self.self_attn(hidden_states=x, **kwargs)
     x = _dropout(self, "resid_attn_dropout", x)  # Phi-3
     if sk.post_attn is None:
@@ -77,7 +124,7 @@ def prenorm_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     else:
         residual, x = sk.fused_norm(self, x, residual)
     x = _dropout(self, "resid_mlp_dropout", self.mlp(x))
-    return residual + x if sk.post_mlp is None else sk.post_mlp.add_steer(residual, x)
+    return residual + x if sk.post_mlp is None else sk.post_mlp_stream(residual, x)
 
 
 def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
@@ -87,7 +134,9 @@ def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
     if sk.pre is not None:
         hidden_states = sk.pre(hidden_states)
     residual = hidden_states
-    x = self.input_layernorm(hidden_states)
+    x = sk.take_normed(hidden_states)
+    if x is None:
+        x = self.input_layernorm(hidden_states)
     x, _ = self.self_attn(hidden_states=x, **kwargs)
     x = self.post_attention_layernorm(x)
     if sk.post_attn is None:
@@ -98,7 +147,7 @@ def sandwich_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         residual, x = sk.fused_norm(self, x, residual)
     x = self.mlp(x)
     x = self.post_feedforward_layernorm(x)
-    return residual + x if sk.post_mlp is None else sk.post_mlp.add_steer(residual, x)
+    return residual + x if sk.post_mlp is None else sk.post_mlp_stream(residual, x)
 
 
 def gpt2_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:

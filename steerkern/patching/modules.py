@@ -169,6 +169,12 @@ class SiteSteer(nn.Module):
             h = steer(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
         return h
 
+    def steers_every_row(self, h: Tensor) -> bool:
+        """Whether every table steers every row of ``h`` (no index 0, no
+        condition).  Only then may a following norm be fused in: a row left
+        unsteered must stay bit-exact, its norm included."""
+        return all(t.cond_dir is None and self.tracker.index(s, h) is None for t, s in zip(self.tables, self.slots))
+
     def add_steer(self, residual: Tensor, x: Tensor) -> Tensor:
         """``steer(residual + x)``, a new tensor: the layer's residual add and
         this site's first table in one kernel call where the backend has one
@@ -196,6 +202,11 @@ class SiteSteer(nn.Module):
     def add_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float,
                  weight_offset: float) -> Tuple[Tensor, Tensor]:
         """``r = steer(x + residual)``, ``y = rmsnorm(r)``: the last table fused with the norm."""
+        direct = library.add_norm_kernel(x, residual, self.backend) if len(self.tables) == 1 else None
+        if direct is not None:  # one table: straight into the kernel, shapes as they are
+            index = self.tracker.index(self.slots[0], x)
+            return direct(x, residual, weight, eps, weight_offset, None if index is None else index.view(-1),
+                          *self.tables[0].tensors())
         fused = library.hot("add_steer_rmsnorm", x)
         *first, last = range(len(self.tables))
         if first:

@@ -335,6 +335,11 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
         layer.forward = types.MethodType(forward, layer)
         handle._wrapped.append(layer)
         handle._layers.append(layer)
+    if family.kind in ("prenorm", "sandwich"):
+        # a steered post-MLP stream and the next layer's input RMSNorm, in one call
+        for layer, nxt in zip(handle._layers, handle._layers[1:]):
+            if layer.steerkern.post_mlp is not None and nxt.steerkern.pre is None:
+                layer.steerkern.link_next(nxt, "input_layernorm")
     if any(s.positions != "all" for tables, slots, _ in site_plans.values() for s in slots):
         handle._hook = owner.register_forward_pre_hook(_position_hook(owner, handle.tracker), with_kwargs=True)
     model.__dict__[_HANDLE_ATTR] = handle
