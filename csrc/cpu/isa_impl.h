@@ -277,7 +277,7 @@ struct RowSums {
 // (the unfused residual add, rounded once) and buf = float(r); the sums of
 // RowSums in the same pass (two accumulators each, to hide FMA latency); and
 // the next rows are prefetched meanwhile.
-template <DType T, bool RES, bool D0, bool D1>
+template <DType T, bool RES, bool D0, bool D1, bool STORE>
 RowSums read_row_t(const void* x, const void* res, void* r, float* buf, int64_t d, const float* p0,
                    const float* p1, const void* x_next, const void* res_next) {
   constexpr int64_t es = T == DType::F32 ? 4 : 2;
@@ -286,7 +286,7 @@ RowSums read_row_t(const void* x, const void* res, void* r, float* buf, int64_t 
     vf v = VOps::ld<T>(x, i);
     if constexpr (RES) {
       v = vadd(v, VOps::ld<T>(res, i));
-      VOps::st<T>(r, i, v);
+      if constexpr (STORE) VOps::st<T>(r, i, v);
       v = VOps::rnd<T>(v);
     }
     vstore_f32(buf + i, v);
@@ -312,7 +312,7 @@ RowSums read_row_t(const void* x, const void* res, void* r, float* buf, int64_t 
     float v = SOps::ld<T>(x, i);
     if constexpr (RES) {
       v = v + SOps::ld<T>(res, i);
-      SOps::st<T>(r, i, v);
+      if constexpr (STORE) SOps::st<T>(r, i, v);
       v = SOps::rnd<T>(v);
     }
     buf[i] = v;
@@ -323,13 +323,33 @@ RowSums read_row_t(const void* x, const void* res, void* r, float* buf, int64_t 
   return out;
 }
 
+template <DType T, bool RES, bool STORE>
+RowSums read_row_s(const void* x, const void* res, void* r, float* buf, int64_t d, const float* p0, const float* p1,
+                 const void* x_next, const void* res_next) {
+  if (p0 && p1) return read_row_t<T, RES, true, true, STORE>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  if (p0) return read_row_t<T, RES, true, false, STORE>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  if (p1) return read_row_t<T, RES, false, true, STORE>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  return read_row_t<T, RES, false, false, STORE>(x, res, r, buf, d, p0, p1, x_next, res_next);
+}
+
+// With RES and r == nullptr the sum is not stored (a row about to be steered
+// is written once, steered; store_buf writes it if its condition fails).
 template <DType T, bool RES>
 RowSums read_row(const void* x, const void* res, void* r, float* buf, int64_t d, const float* p0, const float* p1,
                  const void* x_next, const void* res_next) {
-  if (p0 && p1) return read_row_t<T, RES, true, true>(x, res, r, buf, d, p0, p1, x_next, res_next);
-  if (p0) return read_row_t<T, RES, true, false>(x, res, r, buf, d, p0, p1, x_next, res_next);
-  if (p1) return read_row_t<T, RES, false, true>(x, res, r, buf, d, p0, p1, x_next, res_next);
-  return read_row_t<T, RES, false, false>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  if constexpr (RES) {
+    if (!r) return read_row_s<T, RES, false>(x, res, r, buf, d, p0, p1, x_next, res_next);
+  }
+  return read_row_s<T, RES, RES>(x, res, r, buf, d, p0, p1, x_next, res_next);
+}
+
+// buf (values already rounded to T) written out as T: exact.
+template <DType T>
+void store_buf(const float* buf, void* out, int64_t d) {
+  each(d, [&](auto o, int64_t i) {
+    using O = decltype(o);
+    O::template st<T>(out, i, O::load(buf + i));
+  });
 }
 
 // The directions whose dot products read_row takes for entry e.
@@ -435,10 +455,14 @@ void steer_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
     const bool more = r + 1 < r1;
     if (job.residual) {  // add_steer: dst = steer(T(src + residual)); the sum is written first
       const char* res = static_cast<const char*>(job.residual) + r * bytes;
-      const RowSums sums = read_row<T, true>(src, res, dst, buf, d, e >= 0 ? first_direction(t, e) : nullptr,
+      // a row to steer is written once, steered (the sum stays in buf)
+      const RowSums sums = read_row<T, true>(src, res, e >= 0 ? nullptr : dst, buf, d,
+                                             e >= 0 ? first_direction(t, e) : nullptr,
                                              e >= 0 ? condition_direction(t, e) : nullptr,
                                              more ? src + bytes : nullptr, more ? res + bytes : nullptr);
-      if (e >= 0 && condition_holds(t, e, sums)) apply_entry<T>(t, e, buf, sums, dst, false);
+      if (e < 0) continue;
+      if (condition_holds(t, e, sums)) apply_entry<T>(t, e, buf, sums, dst, false);
+      else store_buf<T>(buf, dst, d);
       continue;
     }
     if (e < 0) {
@@ -482,8 +506,9 @@ void add_steer_rmsnorm_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
     const bool more = r + 1 < r1;
     RowSums sums;
     if (job.residual) {
+      // a row to steer is written once, steered (the sum stays in buf)
       const char* res = static_cast<const char*>(job.residual) + r * bytes;
-      sums = read_row<T, true>(x, res, res_out, buf, d, p0, p1, more ? x + bytes : nullptr,
+      sums = read_row<T, true>(x, res, e >= 0 ? nullptr : res_out, buf, d, p0, p1, more ? x + bytes : nullptr,
                                more ? res + bytes : nullptr);
     } else {
       sums = read_row<T, false>(x, nullptr, nullptr, buf, d, p0, p1, more ? x + bytes : nullptr, nullptr);
@@ -493,6 +518,8 @@ void add_steer_rmsnorm_rows_t(const SteerJob& job, int64_t r0, int64_t r1) {
       ss = apply_entry<T>(t, e, buf, sums, res_out, true);
     } else if (!job.residual) {
       std::memcpy(res_out, x, bytes);  // bit-exact, NaN payloads included
+    } else if (e >= 0) {
+      store_buf<T>(buf, res_out, d);  // its condition failed: the sum, unsteered
     }
     rms_row<T, WT>(buf, ss, job.weight, job.eps, job.weight_offset, y, d);
   }
