@@ -105,35 +105,33 @@ def steer_rows_(h: torch.Tensor, index, table, backend: str = "auto") -> None:
     _in_rows(fn, h, h.shape[-1], _flat_index(index), *table)
 
 
+def _residual_form(op: str, form: str, a: torch.Tensor, b: torch.Tensor, backend: str):
+    """The ``form`` of ``op``'s implementation for a residual-add kernel on
+    ``a`` and ``b`` in eager inference, or None: under torch.compile or grad
+    mode (see :func:`hot_in_place`), where the backend has no such kernel, or
+    for operands it does not take (non-contiguous, different shapes or dtypes)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return None
+    fn = backends.form_of(backends.select(op, a.device.type, backend), form)
+    if fn is None or a.shape != b.shape or a.dtype != b.dtype or not (a.is_contiguous() and b.is_contiguous()):
+        return None
+    return fn
+
+
 def add_steer_kernel(residual: torch.Tensor, x: torch.Tensor, backend: str = "auto"):
     """The kernel forming ``steer(residual + x)`` in one pass, for a patched
     layer's post-MLP site: ``fn(residual, x, index, *table)`` returns a new
-    tensor, bit-exact with the add followed by ``steer``.  None where the
-    backend has no such kernel, where the eager hot path may not run (see
-    :func:`hot_in_place`), or for operands it does not take (non-contiguous,
-    different shapes or dtypes); the caller then adds and steers."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return None
-    fused = backends.form_of(backends.select("steer_", residual.device.type, backend), "add_steer")
-    if (fused is None or residual.shape != x.shape or residual.dtype != x.dtype
-            or not (residual.is_contiguous() and x.is_contiguous())):
-        return None
-    return fused
+    tensor, bit-exact with the add followed by ``steer``; or None (see
+    :func:`_residual_form`), and the caller adds and steers."""
+    return _residual_form("steer_", "add_steer", residual, x, backend)
 
 
 def add_norm_kernel(x: torch.Tensor, residual: torch.Tensor, backend: str = "auto"):
     """``add_steer_rmsnorm`` for a patched layer's eager hot path, taking
     ``x`` and ``residual`` in any leading shape: ``fn(x, residual, weight,
-    eps, weight_offset, index, *table)`` -> ``(r, y)``, where the backend has
-    such a kernel and the operands suit it (see :func:`add_steer_kernel`);
-    else None."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return None
-    fn = backends.form_of(backends.select("add_steer_rmsnorm", x.device.type, backend), "any_shape")
-    if (fn is None or residual.shape != x.shape or residual.dtype != x.dtype
-            or not (x.is_contiguous() and residual.is_contiguous())):
-        return None
-    return fn
+    eps, weight_offset, index, *table)`` -> ``(r, y)``; or None (see
+    :func:`_residual_form`)."""
+    return _residual_form("add_steer_rmsnorm", "any_shape", x, residual, backend)
 
 
 def sparse_parts_kernel(x: torch.Tensor, backend: str = "auto"):
