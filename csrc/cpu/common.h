@@ -138,6 +138,8 @@ extern const Kernels kPortableKernels;
 extern const Kernels kAvx2Kernels;
 extern const Kernels kAvx512Kernels;
 extern const Kernels kAvx512Bf16Kernels;
+// the GEMV of the AVX512-BF16 build (isa_avx512bf16.cpp)
+void sparse_cols_avx512bf16(const SparseJob& job, int64_t c0, int64_t c1);
 #endif
 
 // The kernels for the best instruction set this CPU supports (or the cap set

@@ -45,15 +45,7 @@ int parse_level(const char* name) {
 
 const Kernels* table_for(int level) {
 #ifdef STEERKERN_X86
-  if (level >= kAvx512Bf16) {
-    // the BF16 build adds only the bf16 GEMV pass; the other kernels are the
-    // AVX-512 ones (the same source, but GCC's code for steer_ in the BF16
-    // build measured 20-30% slower).  Built on first use, after both tables.
-    static const Kernels mixed{kAvx512Bf16Kernels.name, kAvx512Kernels.steer_rows,
-                               kAvx512Kernels.add_steer_rmsnorm_rows, kAvx512Kernels.scores,
-                               kAvx512Bf16Kernels.sparse_cols};
-    return &mixed;
-  }
+  if (level >= kAvx512Bf16) return &kAvx512Bf16Kernels;
   if (level >= kAvx512) return &kAvx512Kernels;
   if (level >= kAvx2) return &kAvx2Kernels;
 #endif

@@ -1,6 +1,7 @@
-// The kernels of isa_impl.h compiled for AVX-512 (F, BW, VL, DQ) and
-// AVX512-BF16, with FMA and F16C, chosen at run time only when the CPU has
-// them (see dispatch.cpp).  Only the bf16 GEMV pass differs from isa_avx512.
+// isa_impl.h compiled for AVX-512 (F, BW, VL, DQ) and AVX512-BF16, with FMA
+// and F16C.  Only its GEMV (sparse_cols, with the vdpbf16ps pass) is used:
+// isa_avx512.cpp builds the avx512bf16 table from it and the AVX-512 build's
+// other kernels; the compiler drops the rest of this build.
 #include "common.h"
 
 #ifdef STEERKERN_X86
@@ -31,7 +32,7 @@ namespace avx512bf16 {
 
 namespace steerkern {
 namespace cpu {
-const Kernels kAvx512Bf16Kernels = avx512bf16::make_kernels("avx512bf16");
+void sparse_cols_avx512bf16(const SparseJob& job, int64_t c0, int64_t c1) { avx512bf16::sparse_cols(job, c0, c1); }
 }  // namespace cpu
 }  // namespace steerkern
 #endif
