@@ -35,6 +35,8 @@ class LayerSteering(nn.Module):
         self.pre, self.post_attn, self.post_mlp = pre, post_attn, post_mlp
         self.norm_offset = norm_offset
         self.mlp_norm = mlp_norm
+        self._next = None    # set by link_next: (next LayerSteering, its input norm, eps), weakly
+        self._normed = None  # (r, r's version, rmsnorm(r)) left by the previous layer
         if mlp_norm is not None:
             norm = getattr(layer_module, mlp_norm)
             self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -80,7 +82,7 @@ class LayerSteering(nn.Module):
 
     def post_mlp_stream(self, residual: Tensor, x: Tensor) -> Tensor:
         """The layer's output, ``steer(residual + x)`` (post_mlp is set)."""
-        nxt = getattr(self, "_next", None)
+        nxt = self._next
         if (nxt is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and self.post_mlp.steers_every_row(residual)):
             sk, norm = nxt[0](), nxt[1]()
@@ -92,7 +94,7 @@ class LayerSteering(nn.Module):
 
     def take_normed(self, h: Tensor) -> Optional[Tensor]:
         """The input norm of ``h`` that the previous layer computed, or None."""
-        got = getattr(self, "_normed", None)
+        got = self._normed
         if got is None:
             return None
         self._normed = None

@@ -368,11 +368,11 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 1 or x.shape[-2] == 1:
-            parts_fn = library.sparse_parts_kernel(x, self.backend) if library.is_direct(x) else None
-            if parts_fn is not None:  # every part (and sibling) in one kernel call
-                group = self.group
-                return group.forward(self, x, parts_fn) if group is not None else self.run_parts(x, parts_fn)
             if library.is_direct(x):
+                parts_fn = library.sparse_parts_kernel(x, self.backend)
+                if parts_fn is not None:  # every part (and sibling) in one kernel call
+                    group = self.group
+                    return group.forward(self, x, parts_fn) if group is not None else self.run_parts(x, parts_fn)
                 outs = [library.sparse_rows(x, p.weight_t, p.bias, p.scale, t, -1, self.backend)
                         for p, t in zip(self.parts, self.thresholds)]
             else:
