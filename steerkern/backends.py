@@ -78,6 +78,26 @@ def form_of(impl: Callable, form: str) -> Optional[Callable]:
     return _FORMS.get((impl, form))
 
 
+# Kernels a backend offers beside the ops: no schema, no derived forms, used
+# by eager hot paths only (a caller falls back to the reference where a device
+# has none).  ``("decode_attention", device_type)``: ``fn(q, k, v, scale)``,
+# see :func:`steerkern.ops.reference.decode_attention`.
+EXTRAS = ("decode_attention",)
+_EXTRAS: Dict[tuple, Callable] = {}
+
+
+def register_extra(name: str, device_type: str, fn: Callable) -> None:
+    """Offer ``fn`` as the ``name`` kernel for ``device_type`` tensors."""
+    if name not in EXTRAS:
+        raise ValueError(f"unknown extra kernel {name!r}; extras are {EXTRAS}")
+    _EXTRAS[(name, device_type)] = fn
+
+
+def extra(name: str, device_type: str) -> Optional[Callable]:
+    """The ``name`` kernel for ``device_type`` tensors, or None."""
+    return _EXTRAS.get((name, device_type))
+
+
 def _derive(op: str, fns: List[Callable]) -> Callable:
     """``op`` from the implementations of ``DERIVED_FROM[op]``: correct
     everywhere; a backend that can do better registers its own."""

@@ -18,6 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear_parts", &sk::sparse_linear_parts,
         "sparse_linear of one x (any leading shape) through several weights; a list of outputs");
   m.def("steer_sparse_linear", &sk::steer_sparse_linear, "sparse_linear(steer(h)) in one call");
+  m.def("decode_attention", &sk::decode_attention,
+        "one decode step of attention (q [B, H, 1, D], k/v [B, KVH, L, D], no mask); returns [B, 1, H, D]");
   m.def("cpu_capability", [] { return std::string(sk::capability()); },
         "the instruction set the kernels use: avx512bf16, avx512, avx2+fma or portable");
   m.def(

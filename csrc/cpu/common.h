@@ -121,6 +121,22 @@ struct SparseJob {
   bool coef_bf16 = false;  // every coef is exactly a bf16 value (bf16 activations)
 };
 
+// Attention of one query token per (batch row, head) over L cached keys, no
+// mask (a decode step: every cached position is visible).  Strides are in
+// elements; a head's D values are contiguous.  out is [B, H, D] contiguous.
+struct AttnJob {
+  int64_t B = 0, H = 0, KVH = 0, L = 0, D = 0;
+  const void* q = nullptr;  // [B, H, D] with strides q_sb, q_sh
+  int64_t q_sb = 0, q_sh = 0;
+  const void* k = nullptr;  // [B, KVH, L, D] with strides k_sb, k_sh, k_sl
+  int64_t k_sb = 0, k_sh = 0, k_sl = 0;
+  const void* v = nullptr;  // as k
+  int64_t v_sb = 0, v_sh = 0, v_sl = 0;
+  void* out = nullptr;
+  DType dt = DType::F32;  // of q, k, v and out
+  float scale = 1.0f;
+};
+
 // The kernels one instruction set provides.  All take plain pointers.
 struct Kernels {
   const char* name;
@@ -130,6 +146,8 @@ struct Kernels {
   void (*scores)(const void* x, DType xdt, const float* scale, int64_t n, float* xf, float* score);
   // columns [c0, c1) of every output row
   void (*sparse_cols)(const SparseJob& job, int64_t c0, int64_t c1);
+  // (batch row, head) pairs [r0, r1) of a decode attention, r = b * H + h
+  void (*attend)(const AttnJob& job, int64_t r0, int64_t r1);
 };
 
 extern const Kernels kPortableKernels;
@@ -152,8 +170,8 @@ const char* capability();
 const char* set_capability(const char* name);
 
 // A per-thread fp32 scratch buffer of at least n floats (grows, never shrinks).
-// Slots 0-2 belong to the kernels, 3-4 to the ATen layer.
-constexpr int kScratchSlots = 5;
+// Slots 0-2 and 5 belong to the kernels, 3-4 to the ATen layer.
+constexpr int kScratchSlots = 6;
 float* scratch(int64_t n, int slot);
 
 }  // namespace cpu

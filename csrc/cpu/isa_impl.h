@@ -759,6 +759,97 @@ void sparse_cols_b(const SparseJob& job, int64_t c0, int64_t c1) {
   }
 }
 
+// ---------------------------------------------------------------- attention
+// One decode step of attention per (b, h): s_l = scale * q . k_l, p =
+// softmax(s), out = sum_l p_l v_l, all in fp32 and rounded once to T (the
+// spec: steerkern/ops/reference.py, decode_attention).  Grouped-query heads
+// read their group's K/V row (h / (H / KVH)); K and V are read once per head.
+template <DType T>
+void attend_t(const AttnJob& job, int64_t r0, int64_t r1) {
+  const int64_t D = job.D, L = job.L, group = job.H / job.KVH, es = dtype_size(T);
+  float* qf = scratch(2 * D + L, 5);
+  float* acc = qf + D;
+  float* s = acc + D;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / job.H, h = r % job.H, g = h / group;
+    const char* q = static_cast<const char*>(job.q) + (b * job.q_sb + h * job.q_sh) * es;
+    const char* k = static_cast<const char*>(job.k) + (b * job.k_sb + g * job.k_sh) * es;
+    const char* v = static_cast<const char*>(job.v) + (b * job.v_sb + g * job.v_sh) * es;
+    each(D, [&](auto o, int64_t i) {
+      using O = decltype(o);
+      O::store(qf + i, O::template ld<T>(q, i));
+    });
+    float m = -INFINITY;
+    int64_t l = 0;
+    // four keys at a time: four independent sums hide the FMA and the
+    // horizontal-add latencies that one running dot product would wait on
+    for (; l + 4 <= L; l += 4) {
+      const char* k0 = k + l * job.k_sl * es;
+      const char* k1 = k0 + job.k_sl * es;
+      const char* k2 = k1 + job.k_sl * es;
+      const char* k3 = k2 + job.k_sl * es;
+      Sum d0, d1, d2, d3;
+      each(D, [&](auto o, int64_t i) {
+        using O = decltype(o);
+        const auto x = O::load(qf + i);
+        sum_fma(d0, x, O::template ld<T>(k0, i));
+        sum_fma(d1, x, O::template ld<T>(k1, i));
+        sum_fma(d2, x, O::template ld<T>(k2, i));
+        sum_fma(d3, x, O::template ld<T>(k3, i));
+      });
+      s[l] = d0.total() * job.scale;
+      s[l + 1] = d1.total() * job.scale;
+      s[l + 2] = d2.total() * job.scale;
+      s[l + 3] = d3.total() * job.scale;
+      m = std::max(std::max(m, std::max(s[l], s[l + 1])), std::max(s[l + 2], s[l + 3]));
+    }
+    for (; l < L; ++l) {
+      const char* kl = k + l * job.k_sl * es;
+      Sum dotp;
+      each(D, [&](auto o, int64_t i) {
+        using O = decltype(o);
+        sum_fma(dotp, O::load(qf + i), O::template ld<T>(kl, i));
+      });
+      s[l] = dotp.total() * job.scale;
+      m = std::max(m, s[l]);
+    }
+    float z = 0.0f;
+    for (l = 0; l < L; ++l) {
+      s[l] = std::exp(s[l] - m);
+      z += s[l];
+    }
+    std::memset(acc, 0, sizeof(float) * D);
+    for (l = 0; l + 4 <= L; l += 4) {
+      const char* v0 = v + l * job.v_sl * es;
+      const char* v1 = v0 + job.v_sl * es;
+      const char* v2 = v1 + job.v_sl * es;
+      const char* v3 = v2 + job.v_sl * es;
+      const float p0 = s[l], p1 = s[l + 1], p2 = s[l + 2], p3 = s[l + 3];
+      each(D, [&](auto o, int64_t i) {
+        using O = decltype(o);
+        auto a = O::fma(O::set(p0), O::template ld<T>(v0, i), O::load(acc + i));
+        a = O::fma(O::set(p1), O::template ld<T>(v1, i), a);
+        a = O::fma(O::set(p2), O::template ld<T>(v2, i), a);
+        O::store(acc + i, O::fma(O::set(p3), O::template ld<T>(v3, i), a));
+      });
+    }
+    for (; l < L; ++l) {
+      const char* vl = v + l * job.v_sl * es;
+      const float p = s[l];
+      each(D, [&](auto o, int64_t i) {
+        using O = decltype(o);
+        O::store(acc + i, O::fma(O::set(p), O::template ld<T>(vl, i), O::load(acc + i)));
+      });
+    }
+    const float inv = 1.0f / z;
+    void* out = static_cast<char*>(job.out) + r * D * es;
+    each(D, [&](auto o, int64_t i) {
+      using O = decltype(o);
+      O::template st<T>(out, i, O::mul(O::load(acc + i), O::set(inv)));
+    });
+  }
+}
+
 // ---------------------------------------------------------------- entry points
 void steer_rows(const SteerJob& job, int64_t r0, int64_t r1) {
   switch (job.dt) {
@@ -807,8 +898,16 @@ void sparse_cols(const SparseJob& job, int64_t c0, int64_t c1) {
   }
 }
 
+void attend(const AttnJob& job, int64_t r0, int64_t r1) {
+  switch (job.dt) {
+    case DType::F32: attend_t<DType::F32>(job, r0, r1); break;
+    case DType::BF16: attend_t<DType::BF16>(job, r0, r1); break;
+    case DType::F16: attend_t<DType::F16>(job, r0, r1); break;
+  }
+}
+
 }  // namespace
 
 Kernels make_kernels(const char* name) {
-  return Kernels{name, steer_rows, add_steer_rmsnorm_rows, scores, sparse_cols};
+  return Kernels{name, steer_rows, add_steer_rmsnorm_rows, scores, sparse_cols, attend};
 }

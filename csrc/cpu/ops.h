@@ -67,6 +67,11 @@ at::Tensor steer_sparse_linear(const at::Tensor& h, const OptTensor& index, cons
                                const OptTensor& preserve_norm, const at::Tensor& weight_t, const OptTensor& bias,
                                const OptTensor& col_scale, const at::Tensor& threshold, int64_t topk);
 
+// Attention of one query token per row and head over the KV cache, no mask:
+// q [B, H, 1, D], k and v [B, KVH, L, D] (any strides but the head
+// dimension's), H a multiple of KVH; returns [B, 1, H, D], fp32 inside.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
+
 // ---- argument checks shared by the ops
 
 // fp32, bf16 or fp16, else an error naming `name`.

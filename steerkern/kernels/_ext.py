@@ -41,3 +41,6 @@ def register_ops(ext, backend: str, device_type: str) -> None:
                            ("add_steer_rmsnorm", "any_shape", "add_steer_rmsnorm")):
         if hasattr(ext, op) and hasattr(ext, name):
             backends.register_form(getattr(ext, op), form, getattr(ext, name))
+    for name in backends.EXTRAS:
+        if hasattr(ext, name):
+            backends.register_extra(name, device_type, getattr(ext, name))

@@ -19,6 +19,7 @@ from .table import FLOAT_DTYPES, SparseWeight, SteerEntry, SteerTable, orthonorm
 
 __all__ = [
     "steer", "add_steer_rmsnorm", "sparse_linear", "steer_sparse_linear", "steer_", "add_steer_rmsnorm_",
+    "decode_attention",
     "SteerTable", "SteerEntry", "SparseWeight", "orthonormalize", "reference",
 ]
 
@@ -248,3 +249,36 @@ def steer_sparse_linear(h: Tensor, table: Optional[SteerTable], weight: SparseWe
     t = _threshold(threshold, h.device)
     return library.op("steer_sparse_linear")(h, index, *tensors, weight.weight_t, weight.bias,
                                             weight.scale, t, topk, backend=backend)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """One decode step of attention over a KV cache, no mask (see
+    :func:`steerkern.ops.reference.decode_attention`): ``q [B, H, 1, D]``,
+    ``k, v [B, KVH, L, D]``; returns ``[B, 1, H, D]``.  ``scale`` defaults to
+    ``D ** -0.5``.  The device's kernel runs where there is one (the C++ CPU
+    backend), else the reference; under autograd or torch.compile the
+    reference always (the kernel has no backward and no schema).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D [batch, heads, length, head_dim] tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of {FLOAT_DTYPES}")
+    B, H, S, D = q.shape
+    if S != 1:
+        raise ValueError(f"q: expected one query token per row (shape [B, H, 1, D]), got {tuple(q.shape)}")
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k, v: expected equal shapes [{B}, KVH, L, {D}], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[1] < 1 or H % k.shape[1]:
+        raise ValueError(f"k: {k.shape[1]} key/value heads do not divide q's {H} heads")
+    if k.shape[2] < 1:
+        raise ValueError("k: no cached positions to attend to (length 0)")
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v: expected one dtype and device, got {q.dtype}/{q.device}, "
+                         f"{k.dtype}/{k.device}, {v.dtype}/{v.device}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    fn = library.decode_attention_kernel(q)
+    if fn is None or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return reference.decode_attention(q, k, v, scale)
+    return fn(q, k, v, scale)

@@ -163,6 +163,14 @@ def _add_steer_rmsnorm_inplace_impl(x, residual, weight, eps, weight_offset, ind
     residual.copy_(rr.view(residual.shape))
 
 
+def decode_attention_kernel(q: torch.Tensor):
+    """The device's decode attention kernel for ``q``, or None (no kernel, or
+    autograd / torch.compile, which need the reference's torch ops)."""
+    if not is_direct(q):
+        return None
+    return backends.extra("decode_attention", q.device.type)
+
+
 def sparse_rows(x: torch.Tensor, weight_t, bias, scale, threshold, topk: int, backend: str = "auto"):
     """``sparse_linear`` into the kernel: the op's implementation, and what a
     patched projection's eager decode path calls (its weight was prepared at

@@ -253,3 +253,21 @@ def steer_sparse_linear(
     s = steer(h, index, basis, target, gain, vec, alpha, scale, shift,
               cond_dir, cond_threshold, preserve_norm, acc=acc)
     return sparse_linear(s, weight_t, bias, col_scale, threshold, topk, acc=acc)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """One decode step of attention: a single query token per row and head.
+
+    ``q`` is ``[B, H, 1, D]``, ``k`` and ``v`` are ``[B, KVH, L, D]`` (the KV
+    cache, ``H`` a multiple of ``KVH``: query head ``h`` reads key/value head
+    ``h // (H // KVH)``).  No mask: every cached position is visible, which is
+    what a decode step of a causal model without padding sees.  Returns
+    ``softmax(scale * q k^T) v`` as ``[B, 1, H, D]`` (the layout transformers'
+    attention functions return), computed in fp32 and rounded once to q's
+    dtype.
+    """
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    p = torch.softmax((q.float() @ kf.transpose(-1, -2)) * scale, dim=-1)
+    return (p @ vf).transpose(1, 2).to(q.dtype)

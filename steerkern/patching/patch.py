@@ -31,6 +31,7 @@ from torch import nn
 from .. import backends
 from ..ops.table import SteerTable
 from ..plan import SITES, Intervention, SparsityPlan, SteeringPlan
+from . import attention as attention_kernel
 from . import registry
 from .forwards import FORWARDS, LayerSteering, wrap_module_output
 from .modules import SiblingGroup, SiteSteer, Slot, SparseLinear, TokenPositions
@@ -63,6 +64,7 @@ class PatchHandle:
         self._placements: Dict[Tuple[int, int], List[_Placement]] = {}
         self._hook = None
         self._owner: Optional[nn.Module] = None
+        self._attention: list = []  # (config, original attention name) where the decode kernel stands in
         self.active = False
 
     # ---- reversing --------------------------------------------------------
@@ -70,6 +72,8 @@ class PatchHandle:
         """Restore the original forwards, modules and weights (idempotent)."""
         if not self.active:
             return
+        attention_kernel.uninstall(self._attention)
+        self._attention = []
         for module in self._wrapped:
             module.__dict__.pop("forward", None)
         for layer in self._layers:
@@ -172,7 +176,8 @@ class PatchHandle:
     def __repr__(self) -> str:
         n_sites = len(self.sites()) if self.active else 0
         return (f"PatchHandle(family={self.family.name}, layers={len(self._layers)}, steering_sites={n_sites}, "
-                f"sparse_projections={len(self._swapped)}, active={self.active})")
+                f"sparse_projections={len(self._swapped)}, "
+                f"attention={'kernel' if self._attention else 'model'}, active={self.active})")
 
 
 def _model_name(model: nn.Module) -> Optional[str]:
@@ -232,8 +237,15 @@ def _layer_slots(plan: SteeringPlan, layer: int, site: str, d: int, device, pool
 
 
 def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: Optional[SparsityPlan] = None,
-          *, backend: str = "auto", drop_dense: bool = False, check_model: bool = True) -> PatchHandle:
+          *, backend: str = "auto", drop_dense: bool = False, check_model: bool = True,
+          attention: str = "auto") -> PatchHandle:
     """Patch ``model`` in place with a steering and/or a sparsity plan; returns a handle.
+
+    ``attention`` chooses who runs a decode step's attention (see
+    :mod:`.attention`): ``"kernel"`` steerkern's decode attention kernel (CPU,
+    fp32 inside; prefill, padded batches and other cases stay the model's),
+    ``"model"`` the model's own, ``"auto"`` the kernel where a sparsity plan
+    is given (the patch trades exactness for speed already), else the model's.
 
     Every check happens before the model is touched; on a ValueError the model
     is left exactly as it was (still patched with its old plans, if any).
@@ -253,6 +265,7 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
     L = len(layers)
     d = registry.hidden_size(model)
     device = registry.model_device(model)
+    use_attention_kernel = attention_kernel.plan(model, attention, sparse, device)
     ops = ["steer"] + (["add_steer_rmsnorm"] if family.mlp_norm and "post_attn" in sites else []) + (
         ["sparse_linear"] if sparse else [])
     _check_backend(device, backend, ops)
@@ -307,6 +320,8 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
         old.remove()
     handle = PatchHandle(model, family, steering, sparsity, backend)
     handle._owner = owner
+    if use_attention_kernel:
+        handle._attention = attention_kernel.install(model)
     for (layer_idx, _, parent, name, original, parts, names, transposed) in sparse_jobs:
         sl = SparseLinear(original, transposed, parts, sparsity.mode, sparsity.prefill, backend,
                           layer=layer_idx, names=names)
