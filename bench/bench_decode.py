@@ -9,8 +9,14 @@ Providers, measured in the same run on the same model:
   (d) steered+sparse  (c) plus 50% WINA sparsity on every projection input
                       (thresholds calibrated on random token windows); the
                       LM head stays dense but runs through steerkern's GEMV
-                      kernel (SparsityPlan.lm_head = 0)
+                      kernel (SparsityPlan.lm_head = 0); with a sparsity
+                      plan a decode step's attention runs steerkern's decode
+                      attention kernel (patch's attention="auto")
   (e) empty patch     steerkern patched with an empty plan
+
+Also measured once, to show the attention kernel's share: (d) with the
+model's own attention (attention="model"), reported as
+steered_sparse_model_attention.
 
 Goals: (c) costs <= 3% over (e); (d) >= 1.7x (a) in fp32 and >= 3x in bf16 (CPU).
 (c) and (e) are measured in alternating pairs (--pairs), and so are (a) and
@@ -111,6 +117,8 @@ def bench_one(shape, dtype_name, device, new_tokens, repeats, pairs, speed_pairs
             handle = steerkern.patch(model, steering)
         elif name == "steered_sparse":
             handle = steerkern.patch(model, steering, head_sparsity, drop_dense=True)
+        elif name == "steered_sparse_model_attention":
+            handle = steerkern.patch(model, steering, head_sparsity, drop_dense=True, attention="model")
         elif name == "empty_patch":
             handle = steerkern.patch(model, steerkern.SteeringPlan())
         with torch.no_grad():
@@ -139,6 +147,9 @@ def bench_one(shape, dtype_name, device, new_tokens, repeats, pairs, speed_pairs
     out["unpatched"] = max(a for a, _ in speed)
     out["steered_sparse"] = max(d for _, d in speed)
     out["speed_pairs"] = [{"unpatched": a, "steered_sparse": d} for a, d in speed]
+    # (d) with the model's own attention, right after the pairs: how much of
+    # (d) the decode attention kernel gives (on CUDA the two are the same)
+    out["steered_sparse_model_attention"] = measure("steered_sparse_model_attention")
     progress(f"{shape} {dtype_name} hook_steered")
     out["hook_steered"] = measure("hook_steered")
     # steering's cost is a few percent, below the machine's drift between
@@ -294,7 +305,8 @@ def main(argv=None):
                   f"median of {len(r['pairs'])} pairs, {100 * r['ratio_steered_over_empty_cost_best']:+.1f}% "
                   f"best vs best, {100 * r['steer_cost_from_site_time']:+.1f}% from "
                   f"{r['steer_sites']} sites x {r['steer_site_us']:+.1f} us alone (goal <= +3%); sparse/unpatched: {r['ratio_sparse_over_unpatched']:.2f}x median of pairs "
-                  f"(goal {'1.7' if dt == 'fp32' else '3'}x); steered/hooks: {r['ratio_steered_over_hooks']:.2f}x")
+                  f"(goal {'1.7' if dt == 'fp32' else '3'}x); steered/hooks: {r['ratio_steered_over_hooks']:.2f}x; "
+                  f"steered+sparse with the model's attention: {r['steered_sparse_model_attention']:.2f} tok/s")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
