@@ -15,7 +15,11 @@ Every number is measured in the same run and printed as a ratio:
   with ``h.clone()``, the cheapest out-of-place op torch has; their in-place
   forms (``steer_``, ``add_steer_rmsnorm_``) with ``h.add_(v)``;
 * at one token, the per-call overhead in microseconds through the public API
-  (``steerkern.steer``) and through the raw kernel, beside torch's ``h + v``.
+  (``steerkern.steer``) and through the raw kernel, beside torch's ``h + v``;
+* decode attention (one query token, TinyLlama's 32 query / 4 key-value heads
+  of 64) at several cache lengths: the kernel's time per call beside torch's
+  ``scaled_dot_product_attention`` (``enable_gqa``), which a model's sdpa
+  attention calls.
 
 Large outputs are fresh allocations; without huge pages the page faults of
 a new 32 MiB tensor cost more than the kernel, for torch's ops as for ours.
@@ -271,6 +275,23 @@ def bench_one_token(d: int, dtype, calls: int):
     }
 
 
+def bench_attention(L: int, dtype, calls: int):
+    """Decode attention at cache length L: the kernel and torch's sdpa, us per call."""
+    import torch.nn.functional as F
+
+    ext = cpu_kernels._ext
+    g = torch.Generator().manual_seed(2)
+    # transformers' layouts: q a transposed view, k/v contiguous caches
+    q = torch.randn(1, 1, 32, 64, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(1, 4, L, 64, generator=g).to(dtype)
+    v = torch.randn(1, 4, L, 64, generator=g).to(dtype)
+    ours = per_call_us(lambda: ext.decode_attention(q, k, v, 0.125), calls)
+    sdpa = per_call_us(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True), calls)
+    return {"op": "decode_attention", "heads": 32, "kv_heads": 4, "head_dim": 64, "cache": L,
+            "dtype": str(dtype).replace("torch.", ""), "ours_us": ours, "sdpa_us": sdpa,
+            "speedup_vs_sdpa": sdpa / ours}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -300,6 +321,10 @@ def print_table(res: dict) -> None:
     print(f"{'d':>6} {'dtype':>8} {'api':>8} {'kernel':>8} {'torch h+v':>10}")
     for r in res["one_token"]:
         print(f"{r['d']:>6} {r['dtype']:>8} {r['api_us']:>8.1f} {r['kernel_us']:>8.1f} {r['torch_add_us']:>10.1f}")
+    print("\ndecode attention, 32 query / 4 key-value heads of 64, one token (us per call)")
+    print(f"{'cache':>6} {'dtype':>8} {'ours':>8} {'sdpa':>8} {'vs sdpa':>8}")
+    for r in res["attention"]:
+        print(f"{r['cache']:>6} {r['dtype']:>8} {r['ours_us']:>8.1f} {r['sdpa_us']:>8.1f} {r['speedup_vs_sdpa']:>7.2f}x")
 
 
 def main() -> int:
@@ -319,10 +344,12 @@ def main() -> int:
     jobs = [("bandwidth",)] + list(sparse_cases(quick))
     jobs += [("steer", dt) for dt in (torch.bfloat16, torch.float32)]
     jobs += [("one_token", dt) for dt in (torch.bfloat16, torch.float32)]
+    jobs += [("attention", L, dt) for dt in (torch.bfloat16, torch.float32)
+             for L in ((48, 512) if quick else (48, 512, 2048))]
     bar = tqdm(jobs, desc="bench_ops_cpu", file=sys.stderr) if tqdm else jobs
 
     res = {"machine": machine_info(), "quick": quick, "bw_bytes": bw_bytes,
-           "sparse_linear": [], "steer": [], "one_token": []}
+           "sparse_linear": [], "steer": [], "one_token": [], "attention": []}
     bw = None
     for i, job in enumerate(bar):
         if tqdm is None:
@@ -335,6 +362,8 @@ def main() -> int:
             res["sparse_linear"] += bench_sparse_shape(timer, bw, inn, out, wdt, reps, sparsities)
         elif job[0] == "steer":
             res["steer"] += bench_steer(timer, bw, *steer_shape, job[1], reps)
+        elif job[0] == "attention":
+            res["attention"].append(bench_attention(job[1], job[2], 50 if quick else 300))
         else:
             res["one_token"].append(bench_one_token(4096, job[1], 200 if quick else 2000))
     if hasattr(os, "getloadavg"):

@@ -102,3 +102,20 @@ def test_steer_in_place(benchmark, dtype):
     ext.steer_(got, None, *table.tensors())
     torch.testing.assert_close(got.double(), want.double(), rtol=2e-2, atol=2e-2)
     benchmark(ext.steer_, got, None, *table.tensors())  # steering again and again: the values stay finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cache", [48, 512])
+@pytest.mark.parametrize("impl", ["steerkern", "sdpa"])
+def test_decode_attention(benchmark, dtype, cache, impl):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 32, 1, 64, generator=g).to(dtype)
+    k = torch.randn(1, 4, cache, 64, generator=g).to(dtype)
+    v = torch.randn(1, 4, cache, 64, generator=g).to(dtype)
+    want = R.decode_attention(q.double(), k.double(), v.double(), 0.125)
+    if impl == "steerkern":
+        fn = lambda: cpu_kernels._ext.decode_attention(q, k, v, 0.125)  # noqa: E731
+    else:
+        fn = lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125, enable_gqa=True).transpose(1, 2)  # noqa: E731
+    torch.testing.assert_close(fn().double(), want, rtol=2e-2, atol=2e-2)
+    benchmark(fn)

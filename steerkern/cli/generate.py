@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto", help="kernel backend (see `steerkern backends`)")
+    p.add_argument("--attention", choices=("auto", "kernel", "model"), default="auto",
+                   help="a decode step's attention: steerkern's kernel (CPU, fp32 inside), the model's own, "
+                        "or auto (the kernel with sparsity, else the model's)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
@@ -184,6 +187,6 @@ def run(args) -> int:
     if args.compare:
         generate("plain")
     what = " + ".join(w for w, on in (("steering", steering), ("sparsity", sparsity)) if on) or "empty plan"
-    with patch(model, steering, sparsity, backend=args.backend):
+    with patch(model, steering, sparsity, backend=args.backend, attention=args.attention):
         generate(f"steerkern: {what}")
     return 0
