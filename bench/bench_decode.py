@@ -14,8 +14,8 @@ Providers, measured in the same run on the same model:
                       attention kernel (patch's attention="auto")
   (e) empty patch     steerkern patched with an empty plan
 
-Also measured once, to show the attention kernel's share: (d) with the
-model's own attention (attention="model"), reported as
+Also measured next to each (a, d) pair, to show the attention kernel's share:
+(d) with the model's own attention (attention="model"), reported as
 steered_sparse_model_attention.
 
 Goals: (c) costs <= 3% over (e); (d) >= 1.7x (a) in fp32 and >= 3x in bf16 (CPU).
@@ -50,7 +50,7 @@ SHAPES = {
     "llama-8b": (4096, 14336, 32, 32, 8, 128256),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = ("unpatched", "hook_steered", "steered", "steered_sparse", "empty_patch")
+PROVIDERS = ("unpatched", "hook_steered", "steered", "steered_sparse", "steered_sparse_model_attention", "empty_patch")
 
 
 def build(shape: str, dtype, device):
@@ -143,22 +143,28 @@ def bench_one(shape, dtype_name, device, new_tokens, repeats, pairs, speed_pairs
     # (a) and (d) alternate too: the ratio of each pair is taken within one
     # machine state, and the median of the pairs is the speedup reported
     progress(f"{shape} {dtype_name} unpatched vs steered+sparse, {speed_pairs} pairs")
-    speed = [ordered(i, "unpatched", "steered_sparse") for i in range(speed_pairs)]
+    speed, model_attention = [], []
+    for i in range(speed_pairs):
+        speed.append(ordered(i, "unpatched", "steered_sparse"))
+        # (d) with the model's own attention, next to each pair: the decode
+        # attention kernel's share of (d) (on CUDA the two are the same)
+        model_attention.append(measure("steered_sparse_model_attention"))
     out["unpatched"] = max(a for a, _ in speed)
     out["steered_sparse"] = max(d for _, d in speed)
-    out["speed_pairs"] = [{"unpatched": a, "steered_sparse": d} for a, d in speed]
-    # (d) with the model's own attention, right after the pairs: how much of
-    # (d) the decode attention kernel gives (on CUDA the two are the same)
-    out["steered_sparse_model_attention"] = measure("steered_sparse_model_attention")
+    out["speed_pairs"] = [{"unpatched": a, "steered_sparse": d, "steered_sparse_model_attention": m}
+                          for (a, d), m in zip(speed, model_attention)]
+    out["steered_sparse_model_attention"] = max(model_attention)
+    out["ratio_sparse_over_model_attention"] = statistics.median(d / m for (_, d), m in zip(speed, model_attention))
     progress(f"{shape} {dtype_name} hook_steered")
     out["hook_steered"] = measure("hook_steered")
     # steering's cost is a few percent, below the machine's drift between
     # runs: so (e) and (c) alternate, and the cost is the median of the pairs
     progress(f"{shape} {dtype_name} steered vs empty patch, {pairs} pairs")
     # many pairs, each of two runs close in time, so that a pair sees about
-    # one machine state; each run decodes for at least ~0.4 s (runs of a few
-    # tens of ms on the small model swung by several percent on jitter alone)
-    pair_tokens = max(new_tokens, min(256, int(0.4 * out["unpatched"])))
+    # one machine state; each run decodes for ~1 s where 256 tokens allow
+    # (runs of a few tens of ms on the small model swung by several percent
+    # on jitter alone, and runs of 0.4 s by 3-5%)
+    pair_tokens = max(new_tokens, min(256, int(1.0 * out["unpatched"])))
     out["pair_tokens"] = pair_tokens
     pair_rates = [ordered(i, "empty_patch", "steered", pair_tokens, 1) for i in range(pairs)]
     out["empty_patch"] = max(e for e, _ in pair_rates)
@@ -306,7 +312,8 @@ def main(argv=None):
                   f"best vs best, {100 * r['steer_cost_from_site_time']:+.1f}% from "
                   f"{r['steer_sites']} sites x {r['steer_site_us']:+.1f} us alone (goal <= +3%); sparse/unpatched: {r['ratio_sparse_over_unpatched']:.2f}x median of pairs "
                   f"(goal {'1.7' if dt == 'fp32' else '3'}x); steered/hooks: {r['ratio_steered_over_hooks']:.2f}x; "
-                  f"steered+sparse with the model's attention: {r['steered_sparse_model_attention']:.2f} tok/s")
+                  f"steered+sparse with the model's attention: {r['steered_sparse_model_attention']:.2f} tok/s "
+                  f"(the attention kernel: {r['ratio_sparse_over_model_attention']:.2f}x, median of pairs)")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

@@ -3,7 +3,10 @@
 Every number is measured in the same run and printed as a ratio:
 
 * the bound is the machine's read bandwidth, measured here as a torch
-  ``.sum()`` over a 1 GiB fp32 tensor with all threads;
+  ``.sum()`` over a 1 GiB fp32 tensor with all threads, again right before
+  each weight shape and each steer dtype (this machine's bandwidth drifts by
+  up to 2x within minutes, so every ratio uses the bandwidth measured next to
+  it; the column ``bw`` shows it);
 * ``sparse_linear`` at batch 1 (decode) reads only the active rows of W^T: its
   effective bandwidth (bytes it really reads / time) is compared with the
   bound (goal >= 90%), and its time with torch's dense fp32 matvec of the
@@ -194,7 +197,7 @@ def bench_sparse_shape(timer: Timer, bw: float, inn: int, out: int, wdtype, reps
             "weight_dtype": str(wdtype).replace("torch.", ""), "x_dtype": str(xdtype).replace("torch.", ""),
             "target_sparsity": sp, "sparsity": 1 - nact / inn,
             "ours_ms": ours["min_s"] * 1e3, "ours_median_ms": ours["median_s"] * 1e3,
-            "bytes_read": nbytes, "effective_gbs": eff / 1e9, "bw_fraction": eff / bw,
+            "bytes_read": nbytes, "effective_gbs": eff / 1e9, "read_bw_gbs": bw / 1e9, "bw_fraction": eff / bw,
             "torch_dense_fp32_ms": dense32["min_s"] * 1e3,
             "speedup_vs_dense_fp32": dense32["min_s"] / ours["min_s"],
             "torch_dense_same_dtype_ms": dense_low["min_s"] * 1e3,
@@ -233,7 +236,7 @@ def bench_steer(timer: Timer, bw: float, tokens: int, d: int, dtype, reps: int):
         return {
             "op": op, "tokens": tokens, "d": d, "dtype": str(dtype).replace("torch.", ""),
             "ours_ms": ours["min_s"] * 1e3, "ours_median_ms": ours["median_s"] * 1e3,
-            "bound_ms": bound * 1e3, "ratio_to_bound": ours["min_s"] / bound,
+            "bound_ms": bound * 1e3, "read_bw_gbs": bw / 1e9, "ratio_to_bound": ours["min_s"] / bound,
             f"torch_{base_name}_ms": base_s * 1e3, f"ratio_to_{base_name}": ours["min_s"] / base_s,
             "torch_eager_ms": eager["min_s"] * 1e3, "speedup_vs_torch": eager["min_s"] / ours["min_s"],
         }
@@ -299,23 +302,24 @@ def print_table(res: dict) -> None:
     bw = res["read_bw_gbs"]
     print(f"\nmachine: {res['machine']['cpu']}, {res['machine']['torch_threads']} threads, "
           f"kernels: {res['machine']['capability']}, torch {res['machine']['torch']}")
-    print(f"read bandwidth (torch .sum, {res['bw_bytes'] / GiB:.2f} GiB fp32): {bw:.1f} GB/s\n")
+    print(f"read bandwidth (torch .sum, {res['bw_bytes'] / GiB:.2f} GiB fp32) at the start: {bw:.1f} GB/s; "
+          f"bw: the same, measured next to each case\n")
     print("sparse_linear, batch 1 (W^T [in, out]; WINA scores; goals: >= 0.90 of bw, "
           ">= 1.8x dense fp32 at 50% fp32, >= 3x with bf16 weights)")
-    print(f"{'in x out':>12} {'weight':>8} {'sparsity':>8} {'ms':>8} {'GB/s':>7} {'of bw':>6} "
+    print(f"{'in x out':>12} {'weight':>8} {'sparsity':>8} {'ms':>8} {'GB/s':>7} {'bw':>6} {'of bw':>6} "
           f"{'vs fp32':>8} {'vs same':>8}")
     for r in res["sparse_linear"]:
         print(f"{r['in']:>5}x{r['out']:<6} {r['weight_dtype']:>8} {r['sparsity']:>8.2f} {r['ours_ms']:>8.3f} "
-              f"{r['effective_gbs']:>7.1f} {r['bw_fraction']:>6.2f} {r['speedup_vs_dense_fp32']:>7.2f}x "
-              f"{r['speedup_vs_dense_same_dtype']:>7.2f}x")
+              f"{r['effective_gbs']:>7.1f} {r['read_bw_gbs']:>6.1f} {r['bw_fraction']:>6.2f} "
+              f"{r['speedup_vs_dense_fp32']:>7.2f}x {r['speedup_vs_dense_same_dtype']:>7.2f}x")
     print("\nsteer (rank-1 ablation + addition) and fused add+steer+RMSNorm "
           "(goal: within 1.3x of the bound); a trailing _ is the in-place op")
-    print(f"{'op':>19} {'tokens x d':>11} {'dtype':>8} {'ms':>8} {'/bound':>7} {'/torch':>7} {'vs torch':>9}")
+    print(f"{'op':>19} {'tokens x d':>11} {'dtype':>8} {'ms':>8} {'bw':>6} {'/bound':>7} {'/torch':>7} {'vs torch':>9}")
     for r in res["steer"]:
         # out of place against clone(), in place against torch's in-place add
         base = r.get("ratio_to_clone", r.get("ratio_to_inplace"))
         print(f"{r['op']:>19} {r['tokens']:>5}x{r['d']:<5} {r['dtype']:>8} {r['ours_ms']:>8.3f} "
-              f"{r['ratio_to_bound']:>7.2f} {base:>7.2f} {r['speedup_vs_torch']:>8.2f}x")
+              f"{r['read_bw_gbs']:>6.1f} {r['ratio_to_bound']:>7.2f} {base:>7.2f} {r['speedup_vs_torch']:>8.2f}x")
     print("  /torch: ours over h.clone() (out of place) or over h.add_(v) (in place), same run")
     print("\none token, per call (us)")
     print(f"{'d':>6} {'dtype':>8} {'api':>8} {'kernel':>8} {'torch h+v':>10}")
@@ -359,9 +363,11 @@ def main() -> int:
             res["read_bw_gbs"] = bw / 1e9
         elif job[0] == "sparse_linear":
             _, inn, out, wdt = job
-            res["sparse_linear"] += bench_sparse_shape(timer, bw, inn, out, wdt, reps, sparsities)
+            local = read_bandwidth(bw_bytes, reps=3)
+            res["sparse_linear"] += bench_sparse_shape(timer, local, inn, out, wdt, reps, sparsities)
         elif job[0] == "steer":
-            res["steer"] += bench_steer(timer, bw, *steer_shape, job[1], reps)
+            local = read_bandwidth(bw_bytes, reps=3)
+            res["steer"] += bench_steer(timer, local, *steer_shape, job[1], reps)
         elif job[0] == "attention":
             res["attention"].append(bench_attention(job[1], job[2], 50 if quick else 300))
         else:
