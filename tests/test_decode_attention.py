@@ -248,3 +248,19 @@ def test_kernel_mode_needs_a_kernel(monkeypatch):
     with pytest.raises(ValueError, match="no decode attention kernel"):
         steerkern.patch(model, attention="kernel")
     assert model.config._attn_implementation == "eager"
+
+
+@needs_kernel
+def test_kernel_mode_refuses_other_attention_implementations():
+    model = models.build("llama")
+    for cfg in attention_patch._configs(model):
+        cfg._attn_implementation_internal = "flex_attention"  # never run: the patch must refuse first
+    forward = model.model.layers[0].forward
+    with pytest.raises(ValueError, match="stands in for"):
+        steerkern.patch(model, attention="kernel")
+    assert model.config._attn_implementation == "flex_attention"
+    assert model.model.layers[0].forward == forward
+    # auto: the model's own attention, no error
+    plan = steerkern.SparsityPlan.uniform(0.0, models.LAYERS)
+    with steerkern.patch(model, sparsity=plan) as h:
+        assert not h._attention

@@ -81,6 +81,15 @@ def _register() -> None:
     _REGISTERED = True
 
 
+def _interfaces_available() -> bool:
+    try:
+        from transformers import AttentionInterface  # noqa: F401
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface  # noqa: F401
+    except ImportError:  # a transformers without registrable attention functions
+        return False
+    return True
+
+
 def _configs(model: nn.Module) -> List:
     """The distinct configs that the model's modules read their attention from."""
     seen: Dict[int, object] = {}
@@ -105,14 +114,16 @@ def plan(model: nn.Module, mode: str, sparse: bool, device: torch.device) -> boo
         return False
     has_kernel = backends.extra("decode_attention", device.type) is not None
     names = {_implementation(c) for c in _configs(model)}
-    servable = bool(names) and names <= set(_ORIGINALS) | {_PREFIX + o for o in _ORIGINALS}
+    servable = (bool(names) and names <= set(_ORIGINALS) | {_PREFIX + o for o in _ORIGINALS}
+                and _interfaces_available())
     if mode == "kernel":
         if not has_kernel:
             raise ValueError(f"attention='kernel': no decode attention kernel for {device.type} tensors "
                              f"(the C++ CPU backend has one); use attention='model'")
         if not servable:
-            raise ValueError(f"attention='kernel': the model's attention implementation is {sorted(names)}; "
-                             f"the kernel stands in for {list(_ORIGINALS)} only")
+            raise ValueError(f"attention='kernel': the model's attention implementation is "
+                             f"{sorted(map(str, names))}; the kernel stands in for {list(_ORIGINALS)} only, "
+                             f"through transformers' AttentionInterface")
         return True
     return sparse and has_kernel and servable
 
