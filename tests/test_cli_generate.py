@@ -74,6 +74,16 @@ def test_generate_with_the_lm_head_through_the_gemv_kernel_matches_plain(tiny_mo
     assert plain.split("]", 1)[1] == ours.split("]", 1)[1]  # the same greedy text
 
 
+def test_generate_with_the_decode_attention_kernel_matches_plain(tiny_model_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello there", "--max-new-tokens", "4",
+               "--attention", "kernel", "--compare"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    plain = next(line for line in out.splitlines() if line.startswith("[plain]"))
+    ours = next(line for line in out.splitlines() if line.startswith("[steerkern: empty plan]"))
+    assert plain.split("]", 1)[1] == ours.split("]", 1)[1]  # fp32: the same greedy text
+
+
 def test_generate_refuses_a_negative_lm_head_threshold(tiny_model_dir, capsys):
     rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--lm-head", "-1"])
     assert rc == 2

@@ -130,7 +130,7 @@ def decode_speed(report, tokens: int):
         run(2)
         return (tokens - 1) / max(run(tokens) - run(1), 1e-9)
 
-    rows = {}
+    rows, attention = {}, "the model's"
     for name in tqdm(("plain transformers", "steerkern steered", "steerkern steered + 50% sparse"),
                      desc="decode speed", leave=False):
         handle = None
@@ -138,13 +138,15 @@ def decode_speed(report, tokens: int):
             handle = patch(model, steering)
         elif name.endswith("sparse"):
             handle = patch(model, steering, sparsity, drop_dense=True)
+            attention = "steerkern's decode kernel" if handle._attention else "the model's"
         rows[name] = rate()
         if handle is not None:
             handle.remove()
     base = rows["plain transformers"]
     report("(2) Decode speed on a Llama-shaped model with RANDOM weights (speed only; text is meaningless)")
     report(f"    shape: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, fp32, batch 1, greedy, "
-           f"{tokens} new tokens; kernels: sparse_linear on '{choose('sparse_linear', 'cpu')}' backend")
+           f"{tokens} new tokens; kernels: sparse_linear on '{choose('sparse_linear', 'cpu')}' backend; "
+           f"sparse decode's attention: {attention}")
     for name, r in rows.items():
         report(f"      {name:32s} {r:7.1f} tokens/s  ({r / base:.2f}x)")
     return rows
