@@ -111,6 +111,7 @@ def test_softmax_stability_large_scores():
     (lambda q, k, v: (q, k, v[:, :, :2]), "equal shapes"),
     (lambda q, k, v: (q, k.double(), v), "dtype"),
     (lambda q, k, v: (q.int(), k, v), "not supported"),
+    (lambda q, k, v: (q, k, v, float("nan")), "scale: expected a finite"),
 ])
 def test_bad_input_is_a_clear_error(make, match):
     q, k, v = _qkv(1, 8, 2, 4, 16, torch.float32, strided=False)

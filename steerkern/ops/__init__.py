@@ -278,6 +278,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
         raise ValueError(f"q, k, v: expected one dtype and device, got {q.dtype}/{q.device}, "
                          f"{k.dtype}/{k.device}, {v.dtype}/{v.device}")
     scale = D ** -0.5 if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
     fn = library.decode_attention_kernel(q)
     if fn is None or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         return reference.decode_attention(q, k, v, scale)
