@@ -169,6 +169,13 @@ class SiteSteer(nn.Module):
             h = steer(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
         return h
 
+    def every_row_always(self) -> bool:
+        """One table that steers every row whatever the batch (no condition,
+        positions ``all``, one variant): with no per-row variants set, the
+        site then steers every row and its op index is None."""
+        return (len(self.tables) == 1 and self.tables[0].cond_dir is None
+                and self.slots[0].positions == "all" and self.slots[0].num_variants == 1)
+
     def steers_every_row(self, h: Tensor) -> bool:
         """Whether every table steers every row of ``h`` (no index 0, no
         condition).  Only then may a following norm be fused in: a row left
