@@ -23,7 +23,6 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops import library
 from .modules import SiteSteer
 
 
@@ -38,7 +37,6 @@ class LayerSteering(nn.Module):
         self.mlp_norm = mlp_norm
         self._next = None    # set by link_next: (next LayerSteering, its input norm, eps), weakly
         self._normed = None  # (r, r's version, rmsnorm(r)) left by the previous layer
-        self._one_plain_table = None  # post_mlp.every_row_always(), once known
         if mlp_norm is not None:
             norm = getattr(layer_module, mlp_norm)
             self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -85,25 +83,13 @@ class LayerSteering(nn.Module):
     def post_mlp_stream(self, residual: Tensor, x: Tensor) -> Tensor:
         """The layer's output, ``steer(residual + x)`` (post_mlp is set)."""
         nxt = self._next
-        if nxt is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            site = self.post_mlp
+        if (nxt is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and self.post_mlp.steers_every_row(residual)):
             sk, norm = nxt[0](), nxt[1]()
             if sk is not None and norm is not None:
-                # the common case in as few Python steps as possible: inside a
-                # decode step every step costs several times what it costs in
-                # a loop (the projections before it have flushed the caches)
-                if self._one_plain_table is None:
-                    self._one_plain_table = site.every_row_always()
-                fn = (library.add_norm_kernel(x, residual, site.backend)
-                      if self._one_plain_table and site.tracker.variant_rows is None else None)
-                if fn is not None:
-                    r, y = fn(x, residual, norm.weight, nxt[2], self.norm_offset, None, *site.tables[0].tensors())
-                    sk._normed = (r, r._version, y)
-                    return r
-                if site.steers_every_row(residual):
-                    r, y = site.add_norm(x, residual, norm.weight, nxt[2], self.norm_offset)
-                    sk._normed = (r, r._version, y)
-                    return r
+                r, y = self.post_mlp.add_norm(x, residual, norm.weight, nxt[2], self.norm_offset)
+                sk._normed = (r, r._version, y)
+                return r
         return self.post_mlp.add_steer(residual, x)
 
     def take_normed(self, h: Tensor) -> Optional[Tensor]:

@@ -147,6 +147,10 @@ class SiteSteer(nn.Module):
         self.tables: List[SteerTable] = list(tables)
         self.slots: List[Slot] = list(slots)
         self.tracker = tracker
+        # one table with no condition, positions "all" and one variant: with no
+        # per-row variants set, it steers every row (its op index is None)
+        self._plain = (len(self.tables) == 1 and self.tables[0].cond_dir is None
+                       and self.slots[0].positions == "all" and self.slots[0].num_variants == 1)
 
     def extra_repr(self) -> str:
         parts = []
@@ -169,17 +173,12 @@ class SiteSteer(nn.Module):
             h = steer(h, self.tracker.index(slot, h), *table.tensors(), backend=self.backend)
         return h
 
-    def every_row_always(self) -> bool:
-        """One table that steers every row whatever the batch (no condition,
-        positions ``all``, one variant): with no per-row variants set, the
-        site then steers every row and its op index is None."""
-        return (len(self.tables) == 1 and self.tables[0].cond_dir is None
-                and self.slots[0].positions == "all" and self.slots[0].num_variants == 1)
-
     def steers_every_row(self, h: Tensor) -> bool:
         """Whether every table steers every row of ``h`` (no index 0, no
         condition).  Only then may a following norm be fused in: a row left
         unsteered must stay bit-exact, its norm included."""
+        if self._plain and self.tracker.variant_rows is None:
+            return True  # the common case without a Python loop: this runs per layer and token
         return all(t.cond_dir is None and self.tracker.index(s, h) is None for t, s in zip(self.tables, self.slots))
 
     def add_steer(self, residual: Tensor, x: Tensor) -> Tensor:
