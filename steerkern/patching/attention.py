@@ -5,7 +5,7 @@ transformers looks a model's attention function up by the name in
 with the decode kernel registers two names of ours, ``steerkern_sdpa`` and
 ``steerkern_eager``, one per original, and points the model's config at the
 matching one.  The function behind it runs
-:func:`steerkern.ops.decode_attention` for a decode step it can serve exactly
+the decode attention kernel (:func:`steerkern.ops.decode_attention`) for a decode step it can serve exactly
 (one query token, every cached position visible, no soft-capping, sinks or
 dropout, CPU) and calls the original function for everything else (prefill,
 padded batches, sliding windows that cut the cache).  The mask that
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import backends
-from ..ops import decode_attention, library
+from ..ops import library
 
 MODES = ("auto", "kernel", "model")
 _ORIGINALS = ("sdpa", "eager")
@@ -53,11 +53,18 @@ def _original_function(original: str, module: nn.Module) -> Callable:
 
 def _make(original: str) -> Callable:
     def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-        if (query.shape[2] == 1 and query.device.type == "cpu" and not dropout and not module.training
+        # the kernel straight away where transformers' tensors fit it (the
+        # checks of ops.decode_attention once per layer and token would be
+        # work done twice: these shapes and dtypes come from the model)
+        kernel = (library.decode_attention_kernel(query)
+                  if query.shape[2] == 1 and query.device.type == "cpu" and not dropout else None)
+        if (kernel is not None and not module.training
                 and all(kwargs.get(name) is None for name in _UNSUPPORTED)
-                and library.decode_attention_kernel(query) is not None
-                and query.shape[1] % key.shape[1] == 0 and _all_visible(attention_mask)):
-            return decode_attention(query, key, value, scaling), None
+                and query.shape[1] % key.shape[1] == 0 and query.dtype == key.dtype == value.dtype
+                and query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+                and _all_visible(attention_mask)):
+            scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+            return kernel(query, key, value, scale), None
         return _original_function(original, module)(module, query, key, value, attention_mask, dropout=dropout,
                                                      scaling=scaling, **kwargs)
 
