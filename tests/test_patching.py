@@ -472,6 +472,23 @@ def test_sibling_projections_share_one_kernel_call_and_stay_exact(family):
     assert all(m.group is None for m in sparse), "unpatching drops the groups"
 
 
+def test_sibling_groups_follow_a_dtype_move():
+    # the group keeps its members' kernel arguments between calls: moving the
+    # patched model must refresh them (stale fp32 weights would give fp32
+    # outputs, or an error, instead of the bf16 projections)
+    model = M.build("llama")
+    ids = M.input_ids(1, 6)
+    plan = SparsityPlan(median_thresholds(model, "llama", ids), mode="wina")
+    with steerkern.patch(model, sparsity=plan):
+        sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+        _decode_step(model, ids)  # the groups build their arguments in fp32
+        model.to(torch.bfloat16)
+        together = _decode_step(model, ids)
+        alone = _ungrouped(sparse, lambda: _decode_step(model, ids))
+    assert together.dtype == torch.bfloat16
+    assert torch.equal(together, alone)
+
+
 def test_a_sibling_fed_another_input_computes_its_own_output():
     model = M.build("llama")
     ids = M.input_ids(1, 6)

@@ -246,6 +246,7 @@ class SiblingGroup:
         self.version = -1
         self.outs: dict = {}
         self.unclaimed = 0  # times outputs were left untaken: the members do not share inputs
+        self.args = None  # every member's part_args(), concatenated
         for m in members:
             m.group = self
 
@@ -265,14 +266,9 @@ class SiblingGroup:
         members = [m() for m in self.members]
         if any(m is None for m in members) or not self.active:
             return member.run_parts(x, parts_fn)
-        weights, biases, scales, thresholds = [], [], [], []
-        for m in members:
-            w, b, sc, t = m.part_args()
-            weights += w
-            biases += b
-            scales += sc
-            thresholds += t
-        outs = parts_fn(x, weights, biases, scales, thresholds)
+        if self.args is None:  # built once, not per token (reset when a member moves)
+            self.args = tuple([a for m in members for a in m.part_args()[i]] for i in range(4))
+        outs = parts_fn(x, *self.args)
         self.outs, start, mine = {}, 0, None
         for m in members:
             n = len(m.parts)
@@ -355,6 +351,8 @@ class SparseLinear(nn.Module):
                       for p in self.parts]
         self.thresholds = [t.to(device) for t in self.thresholds]
         self._part_args = None
+        if self.group is not None:
+            self.group.args = None
         return self
 
     def part_args(self):
