@@ -64,24 +64,24 @@ def test_generate_with_sparsity(tiny_model_dir, capsys):
     assert "steerkern: sparsity" in capsys.readouterr().out
 
 
-def test_generate_with_the_lm_head_through_the_gemv_kernel_matches_plain(tiny_model_dir, capsys):
-    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello there", "--max-new-tokens", "4",
-               "--lm-head", "0", "--compare"])
+def _same_text_as_plain(model_dir, capsys, label: str, *flags: str) -> None:
+    """generate --compare with ``flags``: the patched run (``[label]``) prints
+    the same greedy text as plain transformers."""
+    rc = main(["generate", "--model", str(model_dir), "--prompt", "hello there", "--max-new-tokens", "4",
+               *flags, "--compare"])
     out = capsys.readouterr().out
     assert rc == 0
     plain = next(line for line in out.splitlines() if line.startswith("[plain]"))
-    ours = next(line for line in out.splitlines() if line.startswith("[steerkern: sparsity]"))
-    assert plain.split("]", 1)[1] == ours.split("]", 1)[1]  # the same greedy text
+    ours = next(line for line in out.splitlines() if line.startswith(f"[{label}]"))
+    assert plain.split("]", 1)[1] == ours.split("]", 1)[1]
+
+
+def test_generate_with_the_lm_head_through_the_gemv_kernel_matches_plain(tiny_model_dir, capsys):
+    _same_text_as_plain(tiny_model_dir, capsys, "steerkern: sparsity", "--lm-head", "0")
 
 
 def test_generate_with_the_decode_attention_kernel_matches_plain(tiny_model_dir, capsys):
-    rc = main(["generate", "--model", str(tiny_model_dir), "--prompt", "hello there", "--max-new-tokens", "4",
-               "--attention", "kernel", "--compare"])
-    out = capsys.readouterr().out
-    assert rc == 0
-    plain = next(line for line in out.splitlines() if line.startswith("[plain]"))
-    ours = next(line for line in out.splitlines() if line.startswith("[steerkern: empty plan]"))
-    assert plain.split("]", 1)[1] == ours.split("]", 1)[1]  # fp32: the same greedy text
+    _same_text_as_plain(tiny_model_dir, capsys, "steerkern: empty plan", "--attention", "kernel")  # fp32
 
 
 def test_generate_refuses_a_negative_lm_head_threshold(tiny_model_dir, capsys):
