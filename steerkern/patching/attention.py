@@ -12,9 +12,10 @@ padded batches, sliding windows that cut the cache).  The mask that
 transformers builds for our name is the original's, so the original always
 gets the mask it expects.  Unpatching restores the config's name.
 
-Why: on the CPU, torch's bf16 ``scaled_dot_product_attention`` takes 60-750
-us per layer and decode step at 48-512 cached tokens; the kernel takes 3-60 us
-and computes in fp32, rounding once.
+Why: on the CPU, torch's bf16 ``scaled_dot_product_attention`` is slow at
+one query token (70 us per layer at 48 cached tokens, 737 us at 512, in
+``python bench/bench_ops_cpu.py``'s committed run); the kernel took 12 and 61
+us there, computing in fp32 and rounding once.
 """
 from __future__ import annotations
 
