@@ -266,20 +266,30 @@ class SiblingGroup:
         members = [m() for m in self.members]
         if any(m is None for m in members) or not self.active:
             return member.run_parts(x, parts_fn)
-        if self.args is None:  # built once, not per token (reset when a member moves)
-            self.args = tuple([a for m in members for a in m.part_args()[i]] for i in range(4))
-        outs = parts_fn(x, *self.args)
-        self.outs, start, mine = {}, 0, None
-        for m in members:
-            n = len(m.parts)
-            y = outs[start] if n == 1 else torch.cat(outs[start:start + n], dim=-1)
-            start += n
+        self.outs, mine = {}, None
+        for m, y in zip(members, self.run(x, parts_fn, members)):
             if m is member:
                 mine = y
             else:
                 self.outs[id(m)] = y
         self.x, self.version = (x, x._version) if self.outs else (None, -1)
         return mine
+
+    def run(self, x: Tensor, parts_fn, members=None) -> List[Tensor]:
+        """Every member's output for ``x``, in member order, from one kernel call."""
+        if members is None:
+            members = [m() for m in self.members]
+        if self.args is None:  # built once, not per token (reset when a member moves)
+            self.args = tuple([a for m in members for a in m.part_args()[i]] for i in range(4))
+        outs = parts_fn(x, *self.args)
+        if len(outs) == len(members):
+            return outs
+        ys, start = [], 0
+        for m in members:
+            n = len(m.parts)
+            ys.append(outs[start] if n == 1 else torch.cat(outs[start:start + n], dim=-1))
+            start += n
+        return ys
 
 
 class SparseLinear(nn.Module):

@@ -7,7 +7,9 @@ everything first (a ValueError before any weight or module is touched), then
   sites (:class:`~.modules.SiteSteer`, one table per intervention slot);
 * replaces each sparsified projection by a :class:`~.modules.SparseLinear`
   whose ``W^T`` layout is prepared once, here (``handle.memory`` reports its
-  cost; ``drop_dense=True`` frees the original layout, rebuilt on unpatch);
+  cost; ``drop_dense=True`` frees the original layout, rebuilt on unpatch),
+  and gives the attention and MLP blocks around them a lean decode forward
+  (:mod:`.decode`: the same operations, fewer Python calls);
 * adds a forward pre-hook that tracks token positions, when a plan needs them.
 
 ``handle.remove()`` / ``steerkern.unpatch(model)`` restores the original
@@ -32,6 +34,7 @@ from .. import backends
 from ..ops.table import SteerTable
 from ..plan import SITES, Intervention, SparsityPlan, SteeringPlan
 from . import attention as attention_kernel
+from . import decode as lean_decode
 from . import registry
 from .forwards import FORWARDS, LayerSteering, wrap_module_output
 from .modules import SiblingGroup, SiteSteer, Slot, SparseLinear, TokenPositions
@@ -65,6 +68,7 @@ class PatchHandle:
         self._hook = None
         self._owner: Optional[nn.Module] = None
         self._attention: list = []  # (config, original attention name) where the decode kernel stands in
+        self._lean: List[nn.Module] = []  # attention and MLP blocks given the lean decode forward
         self.active = False
 
     # ---- reversing --------------------------------------------------------
@@ -74,6 +78,8 @@ class PatchHandle:
             return
         attention_kernel.uninstall(self._attention)
         self._attention = []
+        lean_decode.uninstall(self._lean)
+        self._lean = []
         for module in self._wrapped:
             module.__dict__.pop("forward", None)
         for layer in self._layers:
@@ -332,6 +338,7 @@ def patch(model: nn.Module, steering: Optional[SteeringPlan] = None, sparsity: O
             original.weight.data = torch.empty(0, dtype=original.weight.dtype, device=original.weight.device)
             handle._dropped.append((original, sl))
     _group_siblings(handle._swapped)
+    handle._lean = lean_decode.install(layers)
     forward = FORWARDS[family.kind]
     for i, layer in enumerate(layers):
         made = {}
