@@ -8,7 +8,9 @@ projections have just streamed tens of MB through the caches):
 * (d) steering + 50% sparsity: the sparse GEMV calls (time, and the bytes of
   weight rows they read, counted from the active inputs of every call in a
   round of its own, so an in-situ bandwidth), the attention calls, and the
-  rest of the step;
+  rest of the step; then one step's GEMV calls replayed back to back (the
+  kernel's own rate on these shapes, no Python between the calls) and the
+  step with the GEMVs stubbed out (the rest with warm caches: a floor);
 * (c) steering against (e) the empty patch: the steered layer end
   (``post_mlp_stream``: add, steer and the next layer's input RMSNorm in one
   call, the kernel timed separately) against the model's own RMSNorm calls,
@@ -44,6 +46,8 @@ class Timers:
         self.n = collections.Counter()
         self.bytes = 0.0
         self.count_bytes = False
+        self.captured = None  # a list: every GEMV call's kernel and arguments are kept
+        self.stub = False
 
     def wrap(self, label, fn):
         def timed(*args, **kwargs):
@@ -70,6 +74,8 @@ def _steps(model, ids, steps, timers):
     timers.t.clear()
     timers.n.clear()
     timers.bytes = 0.0
+    if timers.captured:
+        timers.captured.clear()  # the decode steps' calls only
     start = time.perf_counter()
     for _ in range(steps):
         token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
@@ -99,6 +105,10 @@ def breakdown(shape: str, dtype_name: str, steps: int, rounds: int) -> dict:
     for (impl, form), fn in list(backends._FORMS.items()):
         if form == "parts":
             def parts(x, weights, biases, scales, thresholds, _fn=fn, _timed=timers.wrap("sparse GEMV", fn)):
+                if timers.stub:  # the step without its GEMVs: outputs of the right shape, zero
+                    return [x.new_zeros(*x.shape[:-1], w.shape[1]) for w in weights]
+                if timers.captured is not None:
+                    timers.captured.append((_fn, (x.clone(), weights, biases, scales, thresholds)))
                 if timers.count_bytes:  # a separate round: counting costs time of its own
                     xf = x.float().reshape(-1, x.shape[-1]).abs()
                     for w, s, t in zip(weights, scales, thresholds):
@@ -138,11 +148,27 @@ def breakdown(shape: str, dtype_name: str, steps: int, rounds: int) -> dict:
                     step += _steps(model, ids, steps, timers)
                     gemv += timers.t["sparse GEMV"] / steps
                     attn += timers.t["attention"] / steps
+                # the same GEMV calls back to back, nothing between them: the kernel's
+                # own rate on these shapes (one step's calls, captured in a step of their own)
+                timers.captured = []
+                _steps(model, ids, 1, timers)
+                calls, timers.captured = timers.captured, None
+                replay = min(_time(lambda: [fn(*a) for fn, a in calls]) for _ in range(rounds + 1))
+                # the step with every GEMV stubbed out: what the rest costs with warm caches
+                timers.stub = True
+                try:
+                    bare = min(_steps(model, ids, steps, timers) for _ in range(rounds))
+                finally:
+                    timers.stub = False
+            per_step = nbytes / rounds
             out["steered_sparse"] = {
                 "ms_per_step": 1e3 * step / rounds, "gemv_ms": 1e3 * gemv / rounds,
-                "gemv_gb_per_step": nbytes / rounds / 1e9, "gemv_gbs": nbytes / gemv / 1e9,
+                "gemv_gb_per_step": per_step / 1e9, "gemv_gbs": nbytes / gemv / 1e9,
                 "attention_ms": 1e3 * attn / rounds,
                 "rest_ms": 1e3 * (step - gemv - attn) / rounds,
+                "gemv_calls_per_step": len(calls),
+                "gemv_back_to_back_ms": 1e3 * replay, "gemv_back_to_back_gbs": per_step / replay / 1e9,
+                "step_without_gemv_ms": 1e3 * bare,
             }
             # (c) and (e): alternate rounds, per-call microseconds of each piece
             plans = {"steered": steering, "empty_patch": steerkern.SteeringPlan()}
@@ -191,6 +217,9 @@ def main(argv=None) -> int:
     print(f"(d) steering + 50% sparse: {s['ms_per_step']:.2f} ms per step: sparse GEMVs {s['gemv_ms']:.2f} ms "
           f"({s['gemv_gb_per_step']:.3f} GB, {s['gemv_gbs']:.1f} GB/s), attention {s['attention_ms']:.2f} ms, "
           f"the rest {s['rest_ms']:.2f} ms")
+    print(f"    the step's {s['gemv_calls_per_step']} GEMV calls back to back: {s['gemv_back_to_back_ms']:.2f} ms "
+          f"({s['gemv_back_to_back_gbs']:.1f} GB/s); the step with them stubbed out: "
+          f"{s['step_without_gemv_ms']:.2f} ms")
     for k in ("steered", "empty_patch"):
         r = res[k]
         pieces = ", ".join(f"{key.replace(' us per call', '')} {v:.1f} us x {r[key.replace('us per call', 'calls per step')]:.0f}"
