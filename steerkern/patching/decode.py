@@ -41,11 +41,12 @@ def _config_window(module) -> dict:  # Mistral reads it from the config
 
 
 def _window(module) -> dict:
-    return {"sliding_window": module.sliding_window}
+    return {"sliding_window": getattr(module, "sliding_window", None)}
 
 
 def _window_softcap(module) -> dict:
-    return {"sliding_window": module.sliding_window, "softcap": module.attn_logit_softcapping}
+    return {"sliding_window": getattr(module, "sliding_window", None),
+            "softcap": getattr(module, "attn_logit_softcapping", None)}
 
 
 # attention class name -> (where its q_norm/k_norm apply: None, "heads" on
@@ -154,6 +155,7 @@ def install(layers) -> List[nn.Module]:
             eager = getattr(family, "eager_attention_forward", None)
             if (_sparse_group(projs[:3]) and isinstance(projs[3], SparseLinear) and projs[3].group is None
                     and rope is not None and eager is not None
+                    and all(hasattr(attn, a) for a in ("head_dim", "scaling", "layer_idx", "config"))
                     and (spec[0] is None or (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")))):
                 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
