@@ -14,9 +14,11 @@ Providers, measured in the same run on the same model:
                       attention kernel (patch's attention="auto")
   (e) empty patch     steerkern patched with an empty plan
 
-Also measured next to each (a, d) pair, to show the attention kernel's share:
-(d) with the model's own attention (attention="model"), reported as
-steered_sparse_model_attention.
+Also measured next to each (a, d) pair: (d') (d) with the model's own
+attention (attention="model"), reported as steered_sparse_model_attention,
+the attention kernel's share; and (d'') (d) with the family's attention and
+MLP forwards instead of steerkern's lean decode forwards, reported as
+steered_sparse_modules, the lean forwards' share.
 
 Goals: (c) costs <= 3% over (e); (d) >= 1.7x (a) in fp32 and >= 3x in bf16 (CPU).
 (c) and (e) are measured in alternating pairs (--pairs), and so are (a) and
@@ -50,7 +52,8 @@ SHAPES = {
     "llama-8b": (4096, 14336, 32, 32, 8, 128256),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = ("unpatched", "hook_steered", "steered", "steered_sparse", "steered_sparse_model_attention", "empty_patch")
+PROVIDERS = ("unpatched", "hook_steered", "steered", "steered_sparse", "steered_sparse_model_attention",
+             "steered_sparse_modules", "empty_patch")
 
 
 def build(shape: str, dtype, device):
@@ -95,6 +98,7 @@ def add_hooks(model, vector, alpha):
 def bench_one(shape, dtype_name, device, new_tokens, repeats, pairs, speed_pairs, progress):
     import steerkern
     from steerkern.calibration import calibrate
+    from steerkern.patching import decode as lean_decode
 
     dtype = DTYPES[dtype_name]
     model = build(shape, dtype, device)
@@ -119,6 +123,12 @@ def bench_one(shape, dtype_name, device, new_tokens, repeats, pairs, speed_pairs
             handle = steerkern.patch(model, steering, head_sparsity, drop_dense=True)
         elif name == "steered_sparse_model_attention":
             handle = steerkern.patch(model, steering, head_sparsity, drop_dense=True, attention="model")
+        elif name == "steered_sparse_modules":
+            # (d) with the family's block forwards instead of the lean ones
+            # (steerkern.patching.decode): what the lean forwards are worth
+            handle = steerkern.patch(model, steering, head_sparsity, drop_dense=True)
+            lean_decode.uninstall(handle._lean)
+            handle._lean = []
         elif name == "empty_patch":
             handle = steerkern.patch(model, steerkern.SteeringPlan())
         with torch.no_grad():
@@ -143,18 +153,23 @@ def bench_one(shape, dtype_name, device, new_tokens, repeats, pairs, speed_pairs
     # (a) and (d) alternate too: the ratio of each pair is taken within one
     # machine state, and the median of the pairs is the speedup reported
     progress(f"{shape} {dtype_name} unpatched vs steered+sparse, {speed_pairs} pairs")
-    speed, model_attention = [], []
+    speed, model_attention, modules = [], [], []
     for i in range(speed_pairs):
         speed.append(ordered(i, "unpatched", "steered_sparse"))
-        # (d) with the model's own attention, next to each pair: the decode
-        # attention kernel's share of (d) (on CUDA the two are the same)
+        # next to each pair, (d) with the model's own attention (the decode
+        # attention kernel's share of (d); on CUDA the two are the same) and
+        # (d) with the family's block forwards (the lean forwards' share)
         model_attention.append(measure("steered_sparse_model_attention"))
+        modules.append(measure("steered_sparse_modules"))
     out["unpatched"] = max(a for a, _ in speed)
     out["steered_sparse"] = max(d for _, d in speed)
-    out["speed_pairs"] = [{"unpatched": a, "steered_sparse": d, "steered_sparse_model_attention": m}
-                          for (a, d), m in zip(speed, model_attention)]
+    out["speed_pairs"] = [{"unpatched": a, "steered_sparse": d, "steered_sparse_model_attention": m,
+                           "steered_sparse_modules": f}
+                          for (a, d), m, f in zip(speed, model_attention, modules)]
     out["steered_sparse_model_attention"] = max(model_attention)
     out["ratio_sparse_over_model_attention"] = statistics.median(d / m for (_, d), m in zip(speed, model_attention))
+    out["steered_sparse_modules"] = max(modules)
+    out["ratio_sparse_over_modules"] = statistics.median(d / f for (_, d), f in zip(speed, modules))
     progress(f"{shape} {dtype_name} hook_steered")
     out["hook_steered"] = measure("hook_steered")
     # steering's cost is a few percent, below the machine's drift between
@@ -313,7 +328,9 @@ def main(argv=None):
                   f"{r['steer_sites']} sites x {r['steer_site_us']:+.1f} us alone (goal <= +3%); sparse/unpatched: {r['ratio_sparse_over_unpatched']:.2f}x median of pairs "
                   f"(goal {'1.7' if dt == 'fp32' else '3'}x); steered/hooks: {r['ratio_steered_over_hooks']:.2f}x; "
                   f"steered+sparse with the model's attention: {r['steered_sparse_model_attention']:.2f} tok/s "
-                  f"(the attention kernel: {r['ratio_sparse_over_model_attention']:.2f}x, median of pairs)")
+                  f"(the attention kernel: {r['ratio_sparse_over_model_attention']:.2f}x, median of pairs); "
+                  f"with the family's block forwards: {r['steered_sparse_modules']:.2f} tok/s "
+                  f"(the lean forwards: {r['ratio_sparse_over_modules']:.3f}x, median of pairs)")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
